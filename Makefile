@@ -1,0 +1,32 @@
+# herald: `make run` starts a dev node, `make test` runs every check CI runs.
+CARGO ?= cargo
+
+.PHONY: run build test test-deps lint fmt bench clean
+
+## Build and start `herald dev` on 127.0.0.1:7070 (WebSocket + HTTP) and 127.0.0.1:7071 (gRPC).
+run:
+	$(CARGO) run --release -p herald -- dev
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+## Install what the tests need (Chromium, rustfmt, clippy), then format check, lint, and every test.
+test: test-deps lint
+	$(CARGO) test --workspace --all-targets
+
+test-deps:
+	./scripts/install-test-deps.sh
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Criterion benchmarks (room matching, delivery encoding).
+bench:
+	$(CARGO) bench --workspace
+
+clean:
+	$(CARGO) clean

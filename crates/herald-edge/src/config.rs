@@ -1,0 +1,573 @@
+//! Configuration: `herald.yaml`, `HERALD_*` environment variables and flags, merged in that order of precedence
+//! (flags > env > file > defaults).
+//!
+//! Every setting has a dotted key (`limits.max-message-bytes`), and its environment variable is derived from the
+//! key: `HERALD_` + the key upper-cased with `.` and `-` turned into `_` (`HERALD_LIMITS_MAX_MESSAGE_BYTES`). The
+//! layers are merged as JSON trees and then deserialized once with `deny_unknown_fields`, so a misspelt key in any
+//! layer is an error that names it. Loading takes the environment as a map, so tests never touch the process
+//! environment.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Config {
+    /// Development mode (`herald dev`): without auth configured, every connection may subscribe to any room and
+    /// the publish APIs are open, with a loud warning.
+    pub dev: bool,
+    /// Address the WebSocket + HTTP listener binds.
+    pub server_host: String,
+    /// Port of the WebSocket + HTTP listener (`/ws/`, `/trigger/`, `/api/v1/publish`, `/metrics`, ...).
+    pub server_port: u16,
+    /// Port of the gRPC publish API, on `server-host`.
+    pub grpc_port: u16,
+    /// Default log filter (`RUST_LOG` overrides it).
+    pub log_level: String,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// How connections and backends are authorized.
+    pub auth: AuthConfig,
+    /// Limits on what clients and backends may send.
+    pub limits: Limits,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dev: false,
+            server_host: "127.0.0.1".into(),
+            server_port: 7070,
+            grpc_port: 7071,
+            log_level: "info".into(),
+            log_format: "text".into(),
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+/// Which authorization method connections go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// Ask the backend: `GET {api-url}bootstrap/` (High-templar).
+    Bootstrap,
+    /// A signed JWT in `?token=` or `Authorization: Bearer`.
+    Jwt,
+    /// Everyone gets `static-rooms`, no questions asked.
+    Static,
+}
+
+/// Authorization of WebSocket connections and of the publish APIs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The method; when empty it is inferred: `bootstrap` if `api-url` is set, else `jwt` if a JWT key is set,
+    /// else `static` if `static-rooms` is non-empty.
+    pub method: Option<AuthMethod>,
+    /// The backend's API root, ending in `/` (bootstrap calls `{api-url}bootstrap/`).
+    pub api_url: String,
+    /// How long a bootstrap call may take before the connection is refused.
+    pub bootstrap_timeout_ms: u64,
+    /// Extra request headers forwarded to the bootstrap call, besides High-templar's fixed set.
+    pub forward_headers: Vec<String>,
+    /// JWT verification keys.
+    pub jwt: JwtConfig,
+    /// Rooms every connection may subscribe to under the `static` method.
+    pub static_rooms: Vec<Value>,
+    /// Keys that backends present to the publish APIs. Empty means the APIs refuse everyone (outside dev).
+    pub api_keys: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            method: None,
+            api_url: String::new(),
+            bootstrap_timeout_ms: 5_000,
+            forward_headers: vec![],
+            jwt: JwtConfig::default(),
+            static_rooms: vec![],
+            api_keys: vec![],
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The method in force: the configured one, or the inferred one.
+    pub fn effective_method(&self) -> Option<AuthMethod> {
+        self.method.or_else(|| {
+            if !self.api_url.is_empty() {
+                Some(AuthMethod::Bootstrap)
+            } else if self.jwt.has_key() {
+                Some(AuthMethod::Jwt)
+            } else if !self.static_rooms.is_empty() {
+                Some(AuthMethod::Static)
+            } else {
+                None
+            }
+        })
+    }
+}
+
+/// Keys that verify connection tokens. Any subset may be set; the token's `alg` header picks one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Shared secret for HS256.
+    pub hs256_secret: String,
+    /// PEM public key for RS256.
+    pub rs256_public_key: String,
+    /// PEM public key for ES256.
+    pub es256_public_key: String,
+    /// Clock skew tolerated on `exp`, in seconds.
+    pub leeway_secs: u64,
+}
+
+impl JwtConfig {
+    /// Whether any key is configured.
+    pub fn has_key(&self) -> bool {
+        !self.hs256_secret.is_empty()
+            || !self.rs256_public_key.is_empty()
+            || !self.es256_public_key.is_empty()
+    }
+}
+
+/// Limits, each with a safe default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest client message (after reassembling fragments); larger closes the connection with 1009.
+    pub max_message_bytes: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions_per_connection: usize,
+    /// Rooms (and other targets) one publish may name.
+    pub max_rooms_per_publish: usize,
+    /// Largest publish request body; larger is answered 413.
+    pub max_publish_body_bytes: usize,
+    /// Sustained client messages per second per connection (token bucket refill rate).
+    pub inbound_messages_per_second: u32,
+    /// Burst of client messages per connection (token bucket size).
+    pub inbound_burst: u32,
+    /// Frames one connection may have queued for sending before it counts as a slow consumer.
+    pub outbound_queue_frames: usize,
+    /// Bytes one connection may have queued for sending before it counts as a slow consumer.
+    pub outbound_queue_bytes: usize,
+    /// Seconds a connection may stay silent before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Allowed `Origin` values for WebSocket upgrades; empty allows any. An entry may start with `*.` after the
+    /// scheme (`https://*.example.com`) to allow subdomains.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_subscriptions_per_connection: 256,
+            max_rooms_per_publish: 100,
+            max_publish_body_bytes: 1024 * 1024,
+            inbound_messages_per_second: 50,
+            inbound_burst: 100,
+            outbound_queue_frames: 4096,
+            outbound_queue_bytes: 4 * 1024 * 1024,
+            idle_timeout_secs: 300,
+            allowed_origins: vec![],
+        }
+    }
+}
+
+/// Graceful shutdown on SIGTERM / SIGINT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long to keep serving (with `/readyz` failing and new upgrades refused) before closing sockets, so
+    /// load balancers stop routing here first.
+    pub drain_delay_ms: u64,
+    /// How long to wait for connections to close after sending them 1001 before exiting anyway.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay_ms: 0,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// What is wrong with a configuration. The binary prints it and exits 64 (EX_USAGE).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {cause}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        cause: std::io::Error,
+    },
+    /// The file is not YAML, or its top level is not a mapping.
+    #[error("config file {path} is not valid YAML: {cause}")]
+    Yaml {
+        /// The file.
+        path: String,
+        /// Why.
+        cause: String,
+    },
+    /// A `--set key=value` flag without `=`.
+    #[error("--set expects key=value, got {0:?}")]
+    BadOverride(String),
+    /// A value has the wrong type, or a key is unknown.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// One layer of overrides: dotted key -> raw string value (flags and `--set`).
+pub type Overrides = BTreeMap<String, String>;
+
+impl Config {
+    /// Merges defaults, the YAML file (if any), the `HERALD_*` variables in `env`, and `overrides`, then checks
+    /// the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut tree = serde_json::to_value(Config::default()).expect("defaults serialize");
+        let defaults = tree.clone();
+
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+                path: path.display().to_string(),
+                cause,
+            })?;
+            let layer: Value = serde_norway::from_str(&text).map_err(|e| ConfigError::Yaml {
+                path: path.display().to_string(),
+                cause: e.to_string(),
+            })?;
+            match layer {
+                Value::Object(_) => merge(&mut tree, layer),
+                // An empty file is an empty config.
+                Value::Null => {}
+                _ => {
+                    return Err(ConfigError::Yaml {
+                        path: path.display().to_string(),
+                        cause: "the top level must be a mapping".into(),
+                    })
+                }
+            }
+        }
+
+        for (key, default) in leaves(&defaults) {
+            if let Some(raw) = env.get(&env_var(&key)) {
+                set_path(&mut tree, &key, parse_raw(raw, default));
+            }
+        }
+
+        for (key, raw) in overrides {
+            let default = lookup(&defaults, key).unwrap_or(&Value::Null);
+            set_path(&mut tree, key, parse_raw(raw, default));
+        }
+
+        let config: Config =
+            serde_json::from_value(tree).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return invalid(format!(
+                "log-format must be text or json, not {:?}",
+                self.log_format
+            ));
+        }
+        if !self.auth.api_url.is_empty() && !self.auth.api_url.starts_with("http://") {
+            return invalid(format!(
+                "auth.api-url must be an http:// URL, not {:?}",
+                self.auth.api_url
+            ));
+        }
+        match self.auth.effective_method() {
+            Some(AuthMethod::Bootstrap) if self.auth.api_url.is_empty() => {
+                return invalid("auth.method is bootstrap but auth.api-url is empty".into())
+            }
+            Some(AuthMethod::Jwt) if !self.auth.jwt.has_key() => {
+                return invalid("auth.method is jwt but no auth.jwt key is set".into())
+            }
+            None if !self.dev => {
+                return invalid(
+                    "no auth method configured: set auth.api-url (bootstrap), an auth.jwt key, or \
+                     auth.static-rooms; only `herald dev` runs without auth"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        for (i, room) in self.auth.static_rooms.iter().enumerate() {
+            if let Err(e) = herald_protocol::Room::from_json(room) {
+                return invalid(format!("auth.static-rooms[{i}]: {e}"));
+            }
+        }
+        if self.auth.api_keys.iter().any(String::is_empty) {
+            return invalid("auth.api-keys must not contain an empty key".into());
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("limits.max-message-bytes", l.max_message_bytes),
+            (
+                "limits.max-subscriptions-per-connection",
+                l.max_subscriptions_per_connection,
+            ),
+            ("limits.max-rooms-per-publish", l.max_rooms_per_publish),
+            ("limits.max-publish-body-bytes", l.max_publish_body_bytes),
+            ("limits.outbound-queue-frames", l.outbound_queue_frames),
+            ("limits.outbound-queue-bytes", l.outbound_queue_bytes),
+            ("limits.inbound-burst", l.inbound_burst as usize),
+            (
+                "limits.inbound-messages-per-second",
+                l.inbound_messages_per_second as usize,
+            ),
+            ("limits.idle-timeout-secs", l.idle_timeout_secs as usize),
+        ] {
+            if value == 0 {
+                return invalid(format!("{name} must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every setting as `(key, environment variable, default)`, for the README's table and `herald config`.
+    pub fn reference() -> Vec<(String, String, String)> {
+        let defaults = serde_json::to_value(Config::default()).expect("defaults serialize");
+        leaves(&defaults)
+            .into_iter()
+            .map(|(key, default)| {
+                let env = env_var(&key);
+                (key, env, default.to_string())
+            })
+            .collect()
+    }
+}
+
+/// `limits.max-message-bytes` -> `HERALD_LIMITS_MAX_MESSAGE_BYTES`.
+pub fn env_var(key: &str) -> String {
+    format!("HERALD_{}", key.to_uppercase().replace(['.', '-'], "_"))
+}
+
+fn leaves(tree: &Value) -> Vec<(String, &Value)> {
+    fn walk<'a>(prefix: &str, value: &'a Value, out: &mut Vec<(String, &'a Value)>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            _ => out.push((prefix.to_owned(), value)),
+        }
+    }
+    let mut out = vec![];
+    walk("", tree, &mut out);
+    out
+}
+
+fn lookup<'a>(tree: &'a Value, key: &str) -> Option<&'a Value> {
+    key.split('.').try_fold(tree, |node, part| node.get(part))
+}
+
+/// Strings stay strings (a secret of `123` is not a number); everything else is read as YAML, so `7070`, `true`
+/// and `[a, b]` get their types, and a plain `a,b` for a list splits on commas.
+fn parse_raw(raw: &str, default: &Value) -> Value {
+    match default {
+        Value::String(_) => Value::String(raw.to_owned()),
+        Value::Array(_) => match serde_norway::from_str::<Value>(raw) {
+            Ok(Value::Array(items)) => Value::Array(items),
+            _ => Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.to_owned()))
+                    .collect(),
+            ),
+        },
+        _ => serde_norway::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned())),
+    }
+}
+
+fn set_path(tree: &mut Value, key: &str, value: Value) {
+    let mut node = tree;
+    let parts: Vec<&str> = key.split('.').collect();
+    for part in &parts[..parts.len() - 1] {
+        if !node.get(*part).is_some_and(Value::is_object) {
+            node[*part] = Value::Object(Map::new());
+        }
+        node = node.get_mut(*part).expect("just inserted");
+    }
+    node[parts[parts.len() - 1]] = value;
+}
+
+fn merge(base: &mut Value, layer: Value) {
+    match (base, layer) {
+        (Value::Object(base), Value::Object(layer)) => {
+            for (k, v) in layer {
+                match base.get_mut(&k) {
+                    Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
+                    _ => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (base, layer) => *base = layer,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(text)
+    }
+
+    /// A tiny temp-file helper so config tests read real files without another dependency.
+    mod tempfile_path {
+        use super::*;
+        pub(super) struct TempPath(pub(super) std::path::PathBuf);
+        impl TempPath {
+            pub(super) fn with(text: &str) -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = std::env::temp_dir()
+                    .join(format!("herald-config-{}-{n}.yaml", std::process::id()));
+                std::fs::File::create(&path)
+                    .unwrap()
+                    .write_all(text.as_bytes())
+                    .unwrap();
+                TempPath(path)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn dev() -> Overrides {
+        [("dev".to_string(), "true".to_string())].into()
+    }
+
+    #[test]
+    fn precedence_is_flags_then_env_then_file_then_defaults() {
+        let f = file("server-port: 1000\ngrpc-port: 1001\nlog-level: debug\ndev: true\n");
+        let e = env(&[("HERALD_SERVER_PORT", "2000"), ("HERALD_GRPC_PORT", "2001")]);
+        let o: Overrides = [("server-port".to_string(), "3000".to_string())].into();
+        let c = Config::load(Some(&f.0), &e, &o).unwrap();
+        assert_eq!(c.server_port, 3000, "flag beats env");
+        assert_eq!(c.grpc_port, 2001, "env beats file");
+        assert_eq!(c.log_level, "debug", "file beats default");
+        assert_eq!(c.limits.idle_timeout_secs, 300, "default");
+    }
+
+    #[test]
+    fn nested_keys_and_lists_come_from_env() {
+        let e = env(&[
+            ("HERALD_DEV", "true"),
+            ("HERALD_LIMITS_MAX_MESSAGE_BYTES", "1024"),
+            (
+                "HERALD_LIMITS_ALLOWED_ORIGINS",
+                "https://a.example, https://b.example",
+            ),
+            ("HERALD_AUTH_API_KEYS", "123"),
+        ]);
+        let c = Config::load(None, &e, &Overrides::new()).unwrap();
+        assert_eq!(c.limits.max_message_bytes, 1024);
+        assert_eq!(
+            c.limits.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert_eq!(
+            c.auth.api_keys,
+            vec!["123"],
+            "a numeric-looking key stays a string"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_named() {
+        let f = file("dev: true\nlimits:\n  max-mesage-bytes: 5\n");
+        let err = Config::load(Some(&f.0), &BTreeMap::new(), &Overrides::new()).unwrap_err();
+        assert!(err.to_string().contains("max-mesage-bytes"), "{err}");
+
+        let e = env(&[("HERALD_SERVER_PORT", "seventy")]);
+        let err = Config::load(None, &e, &dev()).unwrap_err();
+        assert!(err.to_string().contains("seventy"), "{err}");
+
+        let f = file("- just\n- a list\n");
+        let err = Config::load(Some(&f.0), &BTreeMap::new(), &dev()).unwrap_err();
+        assert!(matches!(err, ConfigError::Yaml { .. }), "{err}");
+    }
+
+    #[test]
+    fn outside_dev_an_auth_method_is_required() {
+        let err = Config::load(None, &BTreeMap::new(), &Overrides::new()).unwrap_err();
+        assert!(err.to_string().contains("no auth method"), "{err}");
+        let e = env(&[("HERALD_AUTH_API_URL", "http://127.0.0.1:9/api/")]);
+        let c = Config::load(None, &e, &Overrides::new()).unwrap();
+        assert_eq!(c.auth.effective_method(), Some(AuthMethod::Bootstrap));
+        let e = env(&[("HERALD_AUTH_METHOD", "jwt")]);
+        let err = Config::load(None, &e, &Overrides::new()).unwrap_err();
+        assert!(err.to_string().contains("no auth.jwt key"), "{err}");
+    }
+
+    #[test]
+    fn zero_limits_and_bad_static_rooms_are_refused() {
+        let o: Overrides = [
+            ("dev".to_string(), "true".to_string()),
+            ("limits.outbound-queue-bytes".to_string(), "0".to_string()),
+        ]
+        .into();
+        let err = Config::load(None, &BTreeMap::new(), &o).unwrap_err();
+        assert!(err.to_string().contains("outbound-queue-bytes"), "{err}");
+        let f = file("auth:\n  static-rooms:\n    - {a: [1]}\n");
+        let err = Config::load(Some(&f.0), &BTreeMap::new(), &Overrides::new()).unwrap_err();
+        assert!(err.to_string().contains("static-rooms[0]"), "{err}");
+    }
+
+    #[test]
+    fn every_setting_has_an_env_var() {
+        let reference = Config::reference();
+        assert!(reference
+            .iter()
+            .any(|(k, e, _)| k == "limits.max-message-bytes"
+                && e == "HERALD_LIMITS_MAX_MESSAGE_BYTES"));
+        assert!(reference
+            .iter()
+            .any(|(k, _, _)| k == "auth.jwt.hs256-secret"));
+    }
+}

@@ -1,0 +1,27 @@
+//! herald's edge: the node WebSocket clients connect to and backends publish through.
+//!
+//! # Layout
+//! - [`server`]: [`server::run`] serves the listeners until shutdown, then drains.
+//! - `http`: the HTTP routes (demo page, `/ws/`, `/trigger/`, `/api/v1/publish`, health, metrics).
+//! - `ws`: the upgrade checks and each connection's reader.
+//! - [`outbound`]: each connection's bounded send queue and its writer.
+//! - [`hub`]: connections, subscriptions and the publish fan-out.
+//! - [`auth`]: bootstrap, JWT and static authorization; API keys.
+//! - [`grpc`]: `herald.v1.Publisher`.
+//! - [`publish`]: what the publish APIs share.
+//! - [`config`]: `herald.yaml`, `HERALD_*` and flags.
+//! - [`metrics`]: Prometheus counters.
+
+pub mod auth;
+pub mod config;
+pub mod grpc;
+mod http;
+pub mod hub;
+pub mod metrics;
+pub mod outbound;
+pub mod publish;
+pub mod server;
+mod ws;
+
+pub use config::Config;
+pub use server::{run, DrainReport, Listeners};

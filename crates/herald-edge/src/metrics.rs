@@ -1,0 +1,390 @@
+//! Prometheus metrics, kept as plain atomics and rendered as text on `/metrics`.
+//!
+//! Names follow Prometheus conventions (`herald_` prefix, base units, `_total` counters). Labels take only small
+//! fixed sets of values (a reason, an API); rooms, users and connection ids never become labels.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Adds `n` (may be negative).
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    /// Sets the value.
+    pub fn set(&self, n: i64) {
+        self.0.store(n, Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A counter with one label whose values are fixed up front.
+#[derive(Debug)]
+pub struct LabeledCounter {
+    label: &'static str,
+    values: &'static [&'static str],
+    counts: Box<[AtomicU64]>,
+}
+
+impl LabeledCounter {
+    fn new(label: &'static str, values: &'static [&'static str]) -> Self {
+        LabeledCounter {
+            label,
+            values,
+            counts: values.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Adds one to the series with this label value. Unknown values are a programming error and count under the
+    /// last value (by convention `other`), so a typo can never panic the hot path.
+    pub fn inc(&self, value: &str) {
+        let i = self
+            .values
+            .iter()
+            .position(|v| *v == value)
+            .unwrap_or(self.values.len() - 1);
+        self.counts[i].fetch_add(1, Relaxed);
+    }
+
+    /// The count for one label value.
+    pub fn get(&self, value: &str) -> u64 {
+        self.values
+            .iter()
+            .position(|v| *v == value)
+            .map_or(0, |i| self.counts[i].load(Relaxed))
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+}
+
+/// Every metric an edge keeps.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// WebSocket connections accepted (authorized) since start.
+    pub connections_accepted: Counter,
+    /// Upgrades refused, by reason.
+    pub connections_refused: LabeledCounter,
+    /// Active subscriptions.
+    pub subscriptions: Gauge,
+    /// Distinct subscribed rooms.
+    pub rooms: Gauge,
+    /// Client messages received.
+    pub messages_received: Counter,
+    /// Publishes accepted by the publish APIs, by API.
+    pub publishes: LabeledCounter,
+    /// Frames queued to clients for deliveries.
+    pub messages_delivered: Counter,
+    /// Frames written to clients (all kinds).
+    pub frames_sent: Counter,
+    /// Deliveries dropped, by reason.
+    pub messages_dropped: LabeledCounter,
+    /// Connections closed for not reading fast enough.
+    pub slow_consumer_disconnects: Counter,
+    /// Protocol errors answered with an error frame or a close, by kind.
+    pub client_errors: LabeledCounter,
+    /// Publish API requests refused, by reason.
+    pub publish_errors: LabeledCounter,
+    /// Bootstrap calls to the backend, by result.
+    pub bootstrap_calls: LabeledCounter,
+    /// Time from a publish being accepted to its frame being written to a subscriber's socket.
+    pub publish_to_delivery: Histogram,
+    /// Time a bootstrap call took.
+    pub bootstrap_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connections: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: LabeledCounter::new(
+                "reason",
+                &["unauthorized", "origin", "bad_upgrade", "draining", "other"],
+            ),
+            subscriptions: Gauge::default(),
+            rooms: Gauge::default(),
+            messages_received: Counter::default(),
+            publishes: LabeledCounter::new("api", &["http", "trigger", "grpc", "other"]),
+            messages_delivered: Counter::default(),
+            frames_sent: Counter::default(),
+            messages_dropped: LabeledCounter::new("reason", &["slow_consumer", "closed", "other"]),
+            slow_consumer_disconnects: Counter::default(),
+            client_errors: LabeledCounter::new(
+                "kind",
+                &[
+                    "non_json",
+                    "bad_type",
+                    "no_request_id",
+                    "invalid_room",
+                    "room_not_found",
+                    "not_subscribed",
+                    "too_many_subscriptions",
+                    "rate_limited",
+                    "binary",
+                    "too_large",
+                    "invalid_utf8",
+                    "protocol",
+                    "idle_timeout",
+                    "other",
+                ],
+            ),
+            publish_errors: LabeledCounter::new(
+                "reason",
+                &[
+                    "unauthenticated",
+                    "bad_request",
+                    "too_large",
+                    "too_many_targets",
+                    "other",
+                ],
+            ),
+            bootstrap_calls: LabeledCounter::new(
+                "result",
+                &[
+                    "authorized",
+                    "refused",
+                    "malformed",
+                    "timeout",
+                    "unreachable",
+                    "other",
+                ],
+            ),
+            publish_to_delivery: Histogram::default(),
+            bootstrap_duration: Histogram::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Renders the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let _ = writeln!(out, "# HELP herald_build_info Build information.");
+        let _ = writeln!(out, "# TYPE herald_build_info gauge");
+        let _ = writeln!(
+            out,
+            "herald_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        gauge(
+            &mut out,
+            "herald_connections",
+            "Open WebSocket connections.",
+            &self.connections,
+        );
+        counter(
+            &mut out,
+            "herald_connections_accepted_total",
+            "WebSocket connections authorized since start.",
+            &self.connections_accepted,
+        );
+        labeled(
+            &mut out,
+            "herald_connections_refused_total",
+            "WebSocket upgrades refused, by reason.",
+            &self.connections_refused,
+        );
+        gauge(
+            &mut out,
+            "herald_subscriptions",
+            "Active subscriptions.",
+            &self.subscriptions,
+        );
+        gauge(
+            &mut out,
+            "herald_rooms",
+            "Distinct rooms with a subscription.",
+            &self.rooms,
+        );
+        counter(
+            &mut out,
+            "herald_messages_received_total",
+            "Messages received from WebSocket clients.",
+            &self.messages_received,
+        );
+        labeled(
+            &mut out,
+            "herald_messages_published_total",
+            "Publishes accepted, by API.",
+            &self.publishes,
+        );
+        counter(
+            &mut out,
+            "herald_messages_delivered_total",
+            "Deliveries queued to WebSocket clients.",
+            &self.messages_delivered,
+        );
+        counter(
+            &mut out,
+            "herald_frames_sent_total",
+            "Frames written to WebSocket clients.",
+            &self.frames_sent,
+        );
+        labeled(
+            &mut out,
+            "herald_messages_dropped_total",
+            "Deliveries dropped, by reason.",
+            &self.messages_dropped,
+        );
+        counter(
+            &mut out,
+            "herald_slow_consumer_disconnects_total",
+            "Connections closed because their outbound queue overflowed.",
+            &self.slow_consumer_disconnects,
+        );
+        labeled(
+            &mut out,
+            "herald_client_errors_total",
+            "Client protocol errors, by kind.",
+            &self.client_errors,
+        );
+        labeled(
+            &mut out,
+            "herald_publish_errors_total",
+            "Publish requests refused, by reason.",
+            &self.publish_errors,
+        );
+        labeled(
+            &mut out,
+            "herald_bootstrap_requests_total",
+            "Bootstrap calls to the backend, by result.",
+            &self.bootstrap_calls,
+        );
+        histogram(
+            &mut out,
+            "herald_publish_to_delivery_seconds",
+            "Time from accepting a publish to writing its frame to a subscriber.",
+            &self.publish_to_delivery,
+        );
+        histogram(
+            &mut out,
+            "herald_bootstrap_duration_seconds",
+            "Time a bootstrap call to the backend took.",
+            &self.bootstrap_duration,
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, c: &Counter) {
+    header(out, name, help, "counter");
+    let _ = writeln!(out, "{name} {}", c.get());
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, g: &Gauge) {
+    header(out, name, help, "gauge");
+    let _ = writeln!(out, "{name} {}", g.get());
+}
+
+fn labeled(out: &mut String, name: &str, help: &str, c: &LabeledCounter) {
+    header(out, name, help, "counter");
+    for (value, count) in c.values.iter().zip(c.counts.iter()) {
+        let _ = writeln!(
+            out,
+            "{name}{{{}=\"{value}\"}} {}",
+            c.label,
+            count.load(Relaxed)
+        );
+    }
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    header(out, name, help, "histogram");
+    let mut cumulative = 0;
+    for (bound, bucket) in LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
+        cumulative += bucket.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let count = h.count.load(Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {}", h.sum_nanos.load(Relaxed) as f64 / 1e9);
+    let _ = writeln!(out, "{name}_count {count}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.publish_to_delivery.observe(Duration::from_micros(50));
+        m.publish_to_delivery.observe(Duration::from_millis(3));
+        m.publish_to_delivery.observe(Duration::from_secs(10));
+        let text = m.render();
+        assert!(text.contains("herald_publish_to_delivery_seconds_bucket{le=\"0.0001\"} 1"));
+        assert!(text.contains("herald_publish_to_delivery_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("herald_publish_to_delivery_seconds_bucket{le=\"+Inf\"} 3"));
+        assert!(text.contains("herald_publish_to_delivery_seconds_count 3"));
+    }
+
+    #[test]
+    fn unknown_label_values_count_as_other() {
+        let m = Metrics::default();
+        m.messages_dropped.inc("no-such-reason");
+        assert_eq!(m.messages_dropped.get("other"), 1);
+    }
+}

@@ -1,0 +1,252 @@
+//! Running an edge: the shared [`State`], the listeners, and the drain.
+//!
+//! [`run`] takes bound listeners and a shutdown future (mini-redis's shape): `main` binds real ports, tests bind
+//! `127.0.0.1:0`. When `shutdown` resolves, the edge drains:
+//!
+//! 1. `/readyz` answers 503 and new WebSocket upgrades are refused, while plain HTTP keeps being served so load
+//!    balancers can see the node leave;
+//! 2. after `shutdown.drain-delay-ms`, every socket is sent close 1001 (clients reconnect elsewhere);
+//! 3. the edge waits for the sockets to finish, up to `shutdown.drain-timeout-ms`, and says so in the log when
+//!    the deadline cut the drain short;
+//! 4. the listeners stop and [`run`] returns.
+//!
+//! hyper's graceful shutdown does not see upgraded connections, so WebSocket tasks are tracked in a
+//! [`TaskTracker`] of their own.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use herald_proto::v1::publisher_server::PublisherServer;
+
+use crate::auth::{ApiKeys, Authorizer};
+use crate::config::Config;
+use crate::grpc::PublisherService;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Everything the request handlers share.
+#[derive(Debug)]
+pub struct State {
+    pub(crate) config: Config,
+    pub(crate) hub: Hub,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) authorizer: Authorizer,
+    pub(crate) api_keys: ApiKeys,
+    pub(crate) online_since: String,
+    draining: AtomicBool,
+    /// Cancelled when sockets should be sent 1001.
+    pub(crate) going_away: CancellationToken,
+    /// Upgraded WebSocket connections, which hyper's graceful shutdown does not track.
+    pub(crate) ws_tasks: TaskTracker,
+}
+
+impl State {
+    fn new(config: Config) -> anyhow::Result<State> {
+        let metrics = Arc::new(Metrics::default());
+        let authorizer = Authorizer::from_config(&config.auth, config.dev)?;
+        let api_keys = ApiKeys::new(&config.auth.api_keys, config.dev);
+        if matches!(authorizer, Authorizer::AllowAll) {
+            tracing::warn!(
+                "DEV MODE: no auth configured, every connection may subscribe to ANY room. \
+                 Never expose this node to untrusted clients."
+            );
+        }
+        if api_keys.is_open() {
+            tracing::warn!(
+                "DEV MODE: no API key configured, the publish APIs accept requests from ANYONE."
+            );
+        } else if config.auth.api_keys.is_empty() {
+            tracing::warn!("no auth.api-keys configured: the publish APIs refuse every request");
+        }
+        Ok(State {
+            hub: Hub::new(
+                metrics.clone(),
+                config.limits.max_subscriptions_per_connection,
+            ),
+            metrics,
+            authorizer,
+            api_keys,
+            online_since: rfc3339(SystemTime::now()),
+            draining: AtomicBool::new(false),
+            going_away: CancellationToken::new(),
+            ws_tasks: TaskTracker::new(),
+            config,
+        })
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// The listeners an edge serves.
+#[derive(Debug)]
+pub struct Listeners {
+    /// WebSocket + HTTP.
+    pub http: TcpListener,
+    /// gRPC publish API.
+    pub grpc: TcpListener,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// WebSocket connections open when the drain began.
+    pub connections_at_start: usize,
+    /// Connections still open when the deadline ended the wait (0 when everyone left in time).
+    pub cut_by_deadline: usize,
+}
+
+/// Serves an edge on `listeners` until `shutdown` resolves, then drains (see the module docs).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<DrainReport> {
+    let drain_delay = Duration::from_millis(config.shutdown.drain_delay_ms);
+    let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
+    let max_grpc_message = config.limits.max_publish_body_bytes;
+    let state = Arc::new(State::new(config)?);
+
+    let stop_http = CancellationToken::new();
+    let http = tokio::spawn(serve_http(state.clone(), listeners.http, stop_http.clone()));
+
+    let stop_grpc = CancellationToken::new();
+    let grpc_service = PublisherServer::new(PublisherService::new(state.clone()))
+        .max_decoding_message_size(max_grpc_message);
+    let grpc_incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    let grpc_stop = stop_grpc.clone();
+    let grpc = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(grpc_service)
+            .serve_with_incoming_shutdown(grpc_incoming, grpc_stop.cancelled_owned())
+            .await
+    });
+
+    shutdown.await;
+    let connections_at_start = state.hub.connection_count();
+    tracing::info!(connections = connections_at_start, "draining");
+    state.draining.store(true, Ordering::Relaxed);
+    tokio::time::sleep(drain_delay).await;
+    state.going_away.cancel();
+    state.ws_tasks.close();
+    let cut_by_deadline = match tokio::time::timeout(drain_timeout, state.ws_tasks.wait()).await {
+        Ok(()) => 0,
+        Err(_) => {
+            let remaining = state.hub.connections();
+            tracing::warn!(
+                remaining = remaining.len(),
+                deadline_ms = drain_timeout.as_millis() as u64,
+                "drain deadline cut the drain short; closing the remaining connections"
+            );
+            for conn in &remaining {
+                conn.outbound.killed().cancel();
+            }
+            remaining.len()
+        }
+    };
+
+    stop_http.cancel();
+    stop_grpc.cancel();
+    let _ = http.await;
+    match grpc.await {
+        Ok(Err(e)) => tracing::warn!(cause = %e, "grpc server ended with an error"),
+        Err(e) => tracing::warn!(cause = %e, "grpc server task failed"),
+        Ok(Ok(())) => {}
+    }
+    tracing::info!(connections_at_start, cut_by_deadline, "drained");
+    Ok(DrainReport {
+        connections_at_start,
+        cut_by_deadline,
+    })
+}
+
+async fn serve_http(state: Arc<State>, listener: TcpListener, stop: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Most often EMFILE: back off instead of spinning; existing clients are unaffected.
+                    tracing::error!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = service_fn(move |request| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(crate::http::route(state, request).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(cause = %e, %peer, "http connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTP connections did not finish within 5 s of shutdown");
+    }
+}
+
+/// Formats a time as RFC 3339 UTC with seconds (`2026-11-22T01:02:03Z`).
+pub(crate) fn rfc3339(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(at(1_795_395_723)), "2026-11-22T01:02:03Z");
+    }
+}

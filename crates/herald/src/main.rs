@@ -1,0 +1,203 @@
+//! The `herald` binary: one executable, one subcommand per role.
+//!
+//! - `herald dev`: everything in one process with nothing external, for trying herald out.
+//! - `herald edge`: a production edge; refuses to start without an auth method.
+//! - `herald config`: prints every setting with its environment variable and default.
+//!
+//! Configuration is resolved by `herald_edge::config` (flags > `HERALD_*` env > `-c herald.yaml` > defaults).
+//! An invalid configuration prints what is wrong and exits 64 (EX_USAGE).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use herald_edge::config::{Config, Overrides};
+
+/// EX_USAGE from sysexits.h: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+/// EX_UNAVAILABLE: a listener could not be bound.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "A horizontally scaled real-time pub/sub server"
+)]
+struct Cli {
+    /// Path to herald.yaml.
+    #[arg(short, long, global = true, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything in one process for development: no external service, open auth unless configured.
+    Dev(ServeArgs),
+    /// Run an edge node: WebSockets and the publish APIs. Requires an auth method.
+    Edge(ServeArgs),
+    /// Print every setting: key, environment variable, default.
+    Config,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to bind (`server-host`).
+    #[arg(long)]
+    host: Option<String>,
+    /// WebSocket + HTTP port (`server-port`); 0 picks a free port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// gRPC publish API port (`grpc-port`); 0 picks a free port.
+    #[arg(long)]
+    grpc_port: Option<u16>,
+    /// Log filter (`log-level`), e.g. `info` or `herald_edge=debug`.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Any setting by its key, e.g. `--set limits.max-message-bytes=4096`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ServeArgs {
+    fn overrides(&self, dev: bool) -> Result<Overrides, String> {
+        let mut overrides = Overrides::new();
+        for pair in &self.set {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("--set expects KEY=VALUE, got {pair:?}"))?;
+            overrides.insert(key.trim().to_owned(), value.to_owned());
+        }
+        let flags = [
+            ("server-host", self.host.clone()),
+            ("server-port", self.port.map(|p| p.to_string())),
+            ("grpc-port", self.grpc_port.map(|p| p.to_string())),
+            ("log-level", self.log_level.clone()),
+        ];
+        for (key, value) in flags {
+            if let Some(value) = value {
+                overrides.insert(key.to_owned(), value);
+            }
+        }
+        if dev {
+            overrides.insert("dev".into(), "true".into());
+        }
+        Ok(overrides)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (args, dev) = match &cli.command {
+        Command::Dev(args) => (args, true),
+        Command::Edge(args) => (args, false),
+        Command::Config => {
+            println!("| key | environment variable | default |\n|---|---|---|");
+            for (key, env, default) in Config::reference() {
+                println!("| `{key}` | `{env}` | `{default}` |");
+            }
+            return ExitCode::SUCCESS;
+        }
+    };
+    let env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("HERALD_"))
+        .collect();
+    let config = match args
+        .overrides(dev)
+        .map_err(|e| e.to_string())
+        .and_then(|o| Config::load(cli.config.as_deref(), &env, &o).map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(&config);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(serve(config))
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let http_addr = format!("{}:{}", config.server_host, config.server_port);
+    let grpc_addr = format!("{}:{}", config.server_host, config.grpc_port);
+    let (http, grpc) = match (
+        TcpListener::bind(&http_addr).await,
+        TcpListener::bind(&grpc_addr).await,
+    ) {
+        (Ok(http), Ok(grpc)) => (http, grpc),
+        (Err(e), _) => {
+            eprintln!("herald: cannot bind {http_addr}: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+        (_, Err(e)) => {
+            eprintln!("herald: cannot bind {grpc_addr}: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let http_addr = http.local_addr().expect("bound");
+    let grpc_addr = grpc.local_addr().expect("bound");
+    // One machine-readable line first (tests and scripts read it), then the human guide.
+    println!("herald listening: http={http_addr} grpc={grpc_addr}");
+    if config.dev {
+        println!(
+            "\n  herald dev is running.\n\n  \
+             demo page:   http://{http_addr}/\n  \
+             WebSocket:   ws://{http_addr}/ws/\n  \
+             gRPC:        {grpc_addr} (herald.v1.Publisher)\n\n  \
+             publish:     curl -X POST http://{http_addr}/api/v1/publish \\\n               \
+             -H 'content-type: application/json' \\\n               \
+             -d '{{\"rooms\":[{{\"chat\":\"lobby\"}}],\"data\":{{\"text\":\"hello\"}}}}'\n"
+        );
+    }
+    let listeners = herald_edge::Listeners { http, grpc };
+    match herald_edge::run(config, listeners, shutdown_signal()).await {
+        Ok(report) => {
+            if report.cut_by_deadline > 0 {
+                tracing::warn!(
+                    cut = report.cut_by_deadline,
+                    "exiting with connections cut by the drain deadline"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown requested");
+}
