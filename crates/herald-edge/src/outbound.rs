@@ -73,7 +73,8 @@ pub struct Outbound {
     wake: Notify,
     max_frames: usize,
     max_bytes: usize,
-    /// Cancelled when the connection must go now (slow consumer): the writer stops even mid-write.
+    /// Cancelled when the connection is over: the writer has finished, or the drain deadline passed. Both tasks
+    /// stop on it, even mid-write.
     kill: CancellationToken,
 }
 
@@ -123,8 +124,8 @@ impl Outbound {
             state.bytes = 0;
             state.close = Some((CLOSE_SLOW_CONSUMER, "slow consumer"));
             drop(state);
-            // The writer may be stuck in a write to a client that stopped reading: stop it outright.
-            self.kill.cancel();
+            // The writer finishes the write it may be blocked in (bounded by WRITE_TIMEOUT), then sends the close:
+            // a client that is merely slow still learns why it was dropped.
             self.wake.notify_one();
             return Err(PushError::SlowConsumer);
         }
@@ -209,10 +210,23 @@ pub enum WriterExit {
 /// after sending a close the writer waits for it (up to a linger) so the client sees an orderly close.
 pub async fn run_writer<W: AsyncWrite + Unpin>(
     outbound: Arc<Outbound>,
-    mut sink: W,
+    sink: W,
     metrics: Arc<Metrics>,
     going_away: CancellationToken,
     reader_done: CancellationToken,
+) -> WriterExit {
+    let exit = write_until_closed(&outbound, sink, &metrics, &going_away, &reader_done).await;
+    // Whatever ended the writer ends the connection: the reader stops waiting for a client that may never speak.
+    outbound.kill.cancel();
+    exit
+}
+
+async fn write_until_closed<W: AsyncWrite + Unpin>(
+    outbound: &Outbound,
+    mut sink: W,
+    metrics: &Metrics,
+    going_away: &CancellationToken,
+    reader_done: &CancellationToken,
 ) -> WriterExit {
     let mut buf = BytesMut::with_capacity(4096);
     let mut going_away_sent = false;
@@ -220,6 +234,8 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
         let (frames, close) = outbound.take();
         if frames.is_empty() && close.is_none() {
             tokio::select! {
+                // Biased: a close queued just before the reader finished must still be sent.
+                biased;
                 _ = outbound.wake.notified() => {}
                 _ = going_away.cancelled(), if !going_away_sent => {
                     going_away_sent = true;
@@ -299,7 +315,7 @@ mod tests {
             Err(PushError::SlowConsumer)
         );
         assert_eq!(q.queued_frames(), 0);
-        assert!(q.killed().is_cancelled());
+        assert!(q.is_closing());
         assert_eq!(
             q.push_text(Bytes::from_static(b"d"), None),
             Err(PushError::Closed)
