@@ -43,9 +43,13 @@ pub fn config(overrides: &[(&str, &str)]) -> Config {
     Config::load(None, &BTreeMap::new(), &overrides).expect("test config is valid")
 }
 
-/// Starts an edge on ephemeral ports with `dev: true` plus `overrides`.
+/// The API key every test server accepts unless a test overrides `auth.api-keys`.
+pub const API_KEY: &str = "test-api-key";
+
+/// Starts an edge on ephemeral ports with `dev: true`, the API key [`API_KEY`], plus `overrides` (later entries
+/// win).
 pub async fn start_server(overrides: &[(&str, &str)]) -> TestServer {
-    let mut all = vec![("dev", "true"), ("log-level", "warn")];
+    let mut all = vec![("dev", "true"), ("log-level", "warn"), ("auth.api-keys", API_KEY)];
     all.extend_from_slice(overrides);
     start_with_config(config(&all)).await
 }
@@ -88,7 +92,10 @@ impl TestServer {
         let (status, text) = http_request(
             "POST",
             &format!("http://{}/api/v1/publish", self.http),
-            &[("content-type", "application/json")],
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &format!("Bearer {API_KEY}")),
+            ],
             body.to_string(),
         )
         .await;
