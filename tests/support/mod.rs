@@ -49,7 +49,11 @@ pub const API_KEY: &str = "test-api-key";
 /// Starts an edge on ephemeral ports with `dev: true`, the API key [`API_KEY`], plus `overrides` (later entries
 /// win).
 pub async fn start_server(overrides: &[(&str, &str)]) -> TestServer {
-    let mut all = vec![("dev", "true"), ("log-level", "warn"), ("auth.api-keys", API_KEY)];
+    let mut all = vec![
+        ("dev", "true"),
+        ("log-level", "warn"),
+        ("auth.api-keys", API_KEY),
+    ];
     all.extend_from_slice(overrides);
     start_with_config(config(&all)).await
 }
