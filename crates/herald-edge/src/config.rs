@@ -348,18 +348,68 @@ impl Config {
         Ok(())
     }
 
-    /// Every setting as `(key, environment variable, default)`, for the README's table and `herald config`.
-    pub fn reference() -> Vec<(String, String, String)> {
+    /// Every setting as a row of the README's table (printed by `herald config`).
+    pub fn reference() -> Vec<Setting> {
         let defaults = serde_json::to_value(Config::default()).expect("defaults serialize");
         leaves(&defaults)
             .into_iter()
-            .map(|(key, default)| {
-                let env = env_var(&key);
-                (key, env, default.to_string())
+            .map(|(key, default)| Setting {
+                env: env_var(&key),
+                default: default.to_string(),
+                description: DESCRIPTIONS
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or("", |(_, d)| d),
+                key,
             })
             .collect()
     }
 }
+
+/// One row of the configuration reference.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    /// Dotted key, as in `herald.yaml` and `--set`.
+    pub key: String,
+    /// The environment variable.
+    pub env: String,
+    /// The default, as JSON.
+    pub default: String,
+    /// What it does.
+    pub description: &'static str,
+}
+
+/// One line per setting for the reference table; a unit test keeps it complete.
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("auth.api-keys", "Keys backends present to the publish APIs (`Authorization: Bearer` or `X-API-Key`). Empty: the APIs refuse everyone, except in dev mode where they are open."),
+    ("auth.api-url", "Backend API root for High-templar bootstrap (`GET {api-url}bootstrap/`); `http://` only."),
+    ("auth.bootstrap-timeout-ms", "How long a bootstrap call may take before the connection is refused."),
+    ("auth.forward-headers", "Extra request headers forwarded to bootstrap, besides Cookie, User-Agent, X-Real-IP, X-CSRFToken and the `?token=` Authorization."),
+    ("auth.jwt.es256-public-key", "PEM public key verifying ES256 tokens."),
+    ("auth.jwt.hs256-secret", "Shared secret verifying HS256 tokens."),
+    ("auth.jwt.leeway-secs", "Clock skew tolerated on `exp`."),
+    ("auth.jwt.rs256-public-key", "PEM public key verifying RS256 tokens."),
+    ("auth.method", "`bootstrap`, `jwt` or `static`; inferred from what is configured when empty. Outside dev mode one is required."),
+    ("auth.static-rooms", "Rooms every connection may subscribe to under the `static` method."),
+    ("dev", "Development mode (`herald dev` sets it): no auth configured means every room is allowed and the publish APIs are open, with a loud warning."),
+    ("grpc-port", "Port of the gRPC publish API (`herald.v1.Publisher`)."),
+    ("limits.allowed-origins", "Allowed `Origin` values for WebSocket upgrades (`https://*.example.com` allows subdomains); empty allows any. Others get 403."),
+    ("limits.idle-timeout-secs", "A connection that sends nothing for this long is closed (1000)."),
+    ("limits.inbound-burst", "Per-connection burst of client messages before `rate-limited` errors."),
+    ("limits.inbound-messages-per-second", "Per-connection sustained client message rate."),
+    ("limits.max-message-bytes", "Largest client message after reassembly; larger closes the connection with 1009."),
+    ("limits.max-publish-body-bytes", "Largest publish request body (HTTP 413) or gRPC message (RESOURCE_EXHAUSTED)."),
+    ("limits.max-rooms-per-publish", "Targets (rooms, users, connections) one publish may name."),
+    ("limits.max-subscriptions-per-connection", "Subscriptions one connection may hold (`too-many-subscriptions`)."),
+    ("limits.outbound-queue-bytes", "Bytes queued for one connection before it is closed as a slow consumer (4008)."),
+    ("limits.outbound-queue-frames", "Frames queued for one connection before it is closed as a slow consumer (4008)."),
+    ("log-format", "`text` or `json`."),
+    ("log-level", "Log filter, e.g. `info` or `herald_edge=debug` (`RUST_LOG` overrides it)."),
+    ("server-host", "Address both listeners bind."),
+    ("server-port", "Port of the WebSocket + HTTP listener (`/ws/`, publish APIs, health, metrics, demo page)."),
+    ("shutdown.drain-delay-ms", "On SIGTERM/SIGINT, how long `/readyz` fails (and new upgrades are refused) before sockets are closed with 1001."),
+    ("shutdown.drain-timeout-ms", "How long the drain waits for sockets to close before cutting them off and exiting."),
+];
 
 /// `limits.max-message-bytes` -> `HERALD_LIMITS_MAX_MESSAGE_BYTES`.
 pub fn env_var(key: &str) -> String {
@@ -560,14 +610,35 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_has_an_env_var() {
+    fn every_setting_has_an_env_var_and_a_description() {
         let reference = Config::reference();
-        assert!(reference
-            .iter()
-            .any(|(k, e, _)| k == "limits.max-message-bytes"
-                && e == "HERALD_LIMITS_MAX_MESSAGE_BYTES"));
-        assert!(reference
-            .iter()
-            .any(|(k, _, _)| k == "auth.jwt.hs256-secret"));
+        assert!(reference.iter().any(|s| s.key == "limits.max-message-bytes"
+            && s.env == "HERALD_LIMITS_MAX_MESSAGE_BYTES"));
+        for setting in &reference {
+            assert!(!setting.description.is_empty(), "{} has no description", setting.key);
+        }
+        assert_eq!(reference.len(), DESCRIPTIONS.len(), "a description names no setting");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../herald.example.yaml"));
+        let c = Config::load(Some(path), &BTreeMap::new(), &Overrides::new()).unwrap();
+        assert_eq!(c.auth.effective_method(), Some(AuthMethod::Bootstrap));
+        assert_eq!(c.shutdown.drain_delay_ms, 5000);
+    }
+
+    /// The README's configuration table is the one `herald config` prints; this keeps the two the same.
+    #[test]
+    fn the_readme_lists_every_setting() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+            .expect("README.md");
+        for setting in Config::reference() {
+            let row = format!(
+                "| `{}` | `{}` | `{}` | {} |",
+                setting.key, setting.env, setting.default, setting.description
+            );
+            assert!(readme.contains(&row), "README.md lacks the row:\n{row}\n(run `herald config`)");
+        }
     }
 }

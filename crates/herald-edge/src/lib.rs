@@ -7,7 +7,7 @@
 //! - [`outbound`]: each connection's bounded send queue and its writer.
 //! - [`hub`]: connections, subscriptions and the publish fan-out.
 //! - [`auth`]: bootstrap, JWT and static authorization; API keys.
-//! - [`grpc`]: `herald.v1.Publisher`.
+//! - [`grpc`]: the `herald.v1.Publisher` service.
 //! - [`publish`]: what the publish APIs share.
 //! - [`config`]: `herald.yaml`, `HERALD_*` and flags.
 //! - [`metrics`]: Prometheus counters.

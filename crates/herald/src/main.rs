@@ -97,9 +97,9 @@ fn main() -> ExitCode {
         Command::Dev(args) => (args, true),
         Command::Edge(args) => (args, false),
         Command::Config => {
-            println!("| key | environment variable | default |\n|---|---|---|");
-            for (key, env, default) in Config::reference() {
-                println!("| `{key}` | `{env}` | `{default}` |");
+            println!("| key | environment variable | default | what it does |\n|---|---|---|---|");
+            for s in Config::reference() {
+                println!("| `{}` | `{}` | `{}` | {} |", s.key, s.env, s.default, s.description);
             }
             return ExitCode::SUCCESS;
         }

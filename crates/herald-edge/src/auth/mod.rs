@@ -92,7 +92,7 @@ pub enum Authorizer {
     /// Dev mode with nothing configured: everything is allowed.
     AllowAll,
     /// Ask the backend.
-    Bootstrap(BootstrapAuth),
+    Bootstrap(Box<BootstrapAuth>),
     /// Verify a token.
     Jwt(JwtAuth),
     /// The same rooms for everyone.
@@ -110,11 +110,11 @@ impl Authorizer {
         Ok(match config.effective_method() {
             None if dev => Authorizer::AllowAll,
             None => anyhow::bail!("no auth method configured"),
-            Some(AuthMethod::Bootstrap) => Authorizer::Bootstrap(BootstrapAuth::new(
+            Some(AuthMethod::Bootstrap) => Authorizer::Bootstrap(Box::new(BootstrapAuth::new(
                 config.api_url.clone(),
                 Duration::from_millis(config.bootstrap_timeout_ms),
                 config.forward_headers.clone(),
-            )?),
+            )?)),
             Some(AuthMethod::Jwt) => Authorizer::Jwt(JwtAuth::new(&config.jwt)?),
             Some(AuthMethod::Static) => {
                 let json = Value::Array(config.static_rooms.clone());
