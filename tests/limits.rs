@@ -218,3 +218,44 @@ async fn a_slow_consumer_is_disconnected_without_slowing_anyone() {
     assert_eq!(slow.expect_close().await, Ended::Closed(Some(4008)));
     assert!(server.metric("herald_messages_dropped_total{reason=\"slow_consumer\"}").await >= 1.0);
 }
+
+#[tokio::test]
+async fn protocol_pings_are_answered_and_count_as_activity() {
+    let server = start_server(&[("limits.idle-timeout-secs", "1")]).await;
+    let mut client = server.client().await;
+    // Pinging every 400 ms for 2 s keeps a 1 s idle timeout away.
+    for i in 0..5u8 {
+        client.ws.send(Message::Ping(vec![i].into())).await.unwrap();
+        let pong = tokio::time::timeout(STEP, futures_util::StreamExt::next(&mut client.ws))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(pong, Message::Pong(vec![i].into()));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // Then silence closes it.
+    assert_eq!(client.expect_close().await, Ended::Closed(Some(1000)));
+}
+
+#[tokio::test]
+async fn grpc_messages_over_the_body_limit_are_refused() {
+    use herald_proto::v1::publisher_client::PublisherClient;
+    use herald_proto::v1::{target, PublishRequest, Target};
+    let server = start_server(&[("limits.max-publish-body-bytes", "1024")]).await;
+    let mut grpc = PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let request = |size: usize| {
+        let mut request = tonic::Request::new(PublishRequest {
+            targets: vec![Target { kind: Some(target::Kind::All(true)) }],
+            data_json: serde_json::to_vec(&"x".repeat(size)).unwrap(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {API_KEY}").parse().unwrap());
+        request
+    };
+    let error = grpc.publish(request(2000)).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::OutOfRange, "{error}");
+    // The channel and the server are fine afterwards.
+    assert!(grpc.publish(request(10)).await.is_ok());
+}

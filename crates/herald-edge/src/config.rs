@@ -398,7 +398,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("limits.inbound-burst", "Per-connection burst of client messages before `rate-limited` errors."),
     ("limits.inbound-messages-per-second", "Per-connection sustained client message rate."),
     ("limits.max-message-bytes", "Largest client message after reassembly; larger closes the connection with 1009."),
-    ("limits.max-publish-body-bytes", "Largest publish request body (HTTP 413) or gRPC message (RESOURCE_EXHAUSTED)."),
+    ("limits.max-publish-body-bytes", "Largest publish request body (HTTP 413) or gRPC message (OUT_OF_RANGE)."),
     ("limits.max-rooms-per-publish", "Targets (rooms, users, connections) one publish may name."),
     ("limits.max-subscriptions-per-connection", "Subscriptions one connection may hold (`too-many-subscriptions`)."),
     ("limits.outbound-queue-bytes", "Bytes queued for one connection before it is closed as a slow consumer (4008)."),

@@ -35,6 +35,11 @@ use crate::grpc::PublisherService;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
+/// How long open gRPC streams get to finish after the listeners stop.
+const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a client may take to send an HTTP/1 request head (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Everything the request handlers share.
 #[derive(Debug)]
 pub struct State {
@@ -161,10 +166,17 @@ pub async fn run(
     stop_http.cancel();
     stop_grpc.cancel();
     let _ = http.await;
-    match grpc.await {
-        Ok(Err(e)) => tracing::warn!(cause = %e, "grpc server ended with an error"),
-        Err(e) => tracing::warn!(cause = %e, "grpc server task failed"),
-        Ok(Ok(())) => {}
+    // tonic's graceful shutdown waits for open streams; a backend holding a PublishStream open must not hold the
+    // process hostage.
+    let grpc_abort = grpc.abort_handle();
+    match tokio::time::timeout(GRPC_SHUTDOWN_GRACE, grpc).await {
+        Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "grpc server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(cause = %e, "grpc server task failed"),
+        Ok(Ok(Ok(()))) => {}
+        Err(_) => {
+            tracing::warn!("grpc streams still open after the grace period; closing them");
+            grpc_abort.abort();
+        }
     }
     tracing::info!(connections_at_start, cut_by_deadline, "drained");
     Ok(DrainReport {
@@ -175,7 +187,11 @@ pub async fn run(
 
 async fn serve_http(state: Arc<State>, listener: TcpListener, stop: CancellationToken) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -125,7 +125,9 @@ async fn run_connection(
     // fastwebsockets refuses frames of `>= max` bytes; herald's limit is inclusive.
     read.set_max_message_size(limits.max_message_bytes + 1);
     read.set_auto_close(true);
-    read.set_auto_pong(true);
+    // Pings are answered below rather than inside fastwebsockets, so that they count as activity for the idle
+    // timeout (read_frame would otherwise swallow them without returning).
+    read.set_auto_pong(false);
 
     let outbound = Arc::new(Outbound::new(
         limits.outbound_queue_frames,
@@ -236,7 +238,11 @@ impl Reader<'_> {
             };
             let (opcode, payload) = match frame.opcode {
                 OpCode::Close => return,
-                OpCode::Ping | OpCode::Pong => continue,
+                OpCode::Ping => {
+                    let _ = self.outbound.push_pong(Bytes::copy_from_slice(&frame.payload));
+                    continue;
+                }
+                OpCode::Pong => continue,
                 OpCode::Text | OpCode::Binary if frame.fin => {
                     (frame.opcode, frame.payload.to_vec())
                 }
