@@ -31,7 +31,11 @@ pub struct TestServer {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<herald_edge::DrainReport>>>,
+    handle: Option<
+        tokio::task::JoinHandle<
+            Result<herald_edge::DrainReport, herald_edge::auth::AuthConfigError>,
+        >,
+    >,
 }
 
 /// Builds a config from `key=value` overrides on top of defaults (no file, no environment).

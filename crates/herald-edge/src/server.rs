@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use herald_proto::v1::publisher_server::PublisherServer;
 
-use crate::auth::{ApiKeys, Authorizer};
+use crate::auth::{ApiKeys, AuthConfigError, Authorizer};
 use crate::config::Config;
 use crate::grpc::PublisherService;
 use crate::hub::Hub;
@@ -57,7 +57,7 @@ pub struct State {
 }
 
 impl State {
-    fn new(config: Config) -> anyhow::Result<State> {
+    fn new(config: Config) -> Result<State, AuthConfigError> {
         let metrics = Arc::new(Metrics::default());
         let authorizer = Authorizer::from_config(&config.auth, config.dev)?;
         let api_keys = ApiKeys::new(&config.auth.api_keys, config.dev);
@@ -119,7 +119,7 @@ pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<DrainReport> {
+) -> Result<DrainReport, AuthConfigError> {
     let drain_delay = Duration::from_millis(config.shutdown.drain_delay_ms);
     let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
     let max_grpc_message = config.limits.max_publish_body_bytes;
@@ -263,6 +263,6 @@ mod tests {
         let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
         assert_eq!(rfc3339(at(0)), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(at(1_795_395_723)), "2026-11-22T01:02:03Z");
+        assert_eq!(rfc3339(at(1_795_309_323)), "2026-11-22T01:02:03Z");
     }
 }

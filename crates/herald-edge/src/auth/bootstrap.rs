@@ -21,7 +21,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use super::{parse_allowed_rooms, query_param, Denial, Grant, Permissions};
+use super::{parse_allowed_rooms, query_param, AuthConfigError, Denial, Grant, Permissions};
 use crate::metrics::Metrics;
 
 /// A bootstrap answer larger than this is refused (it is a list of rooms, not a payload).
@@ -42,12 +42,15 @@ impl BootstrapAuth {
         api_url: String,
         timeout: Duration,
         extra_headers: Vec<String>,
-    ) -> anyhow::Result<Self> {
-        let url = format!("{api_url}bootstrap/").parse()?;
+    ) -> Result<Self, AuthConfigError> {
+        let url = format!("{api_url}bootstrap/")
+            .parse()
+            .map_err(|e| AuthConfigError::new("auth.api-url", e))?;
         let extra_headers = extra_headers
             .iter()
             .map(|h| HeaderName::try_from(h.as_str()))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(|e| AuthConfigError::new("auth.forward-headers", e))?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);

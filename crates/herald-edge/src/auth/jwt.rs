@@ -9,7 +9,7 @@ use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{parse_allowed_rooms, query_param, Denial, Grant, Permissions};
+use super::{parse_allowed_rooms, query_param, AuthConfigError, Denial, Grant, Permissions};
 use crate::config::JwtConfig;
 
 /// Verifies connection tokens.
@@ -36,7 +36,7 @@ struct Claims {
 
 impl JwtAuth {
     /// Loads the configured keys; a malformed PEM is a startup error.
-    pub fn new(config: &JwtConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &JwtConfig) -> Result<Self, AuthConfigError> {
         let mut keys = vec![];
         if !config.hs256_secret.is_empty() {
             keys.push((
@@ -46,15 +46,17 @@ impl JwtAuth {
         }
         if !config.rs256_public_key.is_empty() {
             let key = DecodingKey::from_rsa_pem(config.rs256_public_key.as_bytes())
-                .map_err(|e| anyhow::anyhow!("auth.jwt.rs256-public-key: {e}"))?;
+                .map_err(|e| AuthConfigError::new("auth.jwt.rs256-public-key", e))?;
             keys.push((Algorithm::RS256, key));
         }
         if !config.es256_public_key.is_empty() {
             let key = DecodingKey::from_ec_pem(config.es256_public_key.as_bytes())
-                .map_err(|e| anyhow::anyhow!("auth.jwt.es256-public-key: {e}"))?;
+                .map_err(|e| AuthConfigError::new("auth.jwt.es256-public-key", e))?;
             keys.push((Algorithm::ES256, key));
         }
-        anyhow::ensure!(!keys.is_empty(), "no JWT key configured");
+        if keys.is_empty() {
+            return Err(AuthConfigError::new("auth.jwt", "no JWT key configured"));
+        }
         Ok(JwtAuth {
             keys,
             leeway: config.leeway_secs,

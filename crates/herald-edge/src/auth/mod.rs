@@ -70,6 +70,25 @@ impl Denial {
     }
 }
 
+/// An auth setting that cannot be used; the server refuses to start with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {reason}")]
+pub struct AuthConfigError {
+    /// The config key at fault.
+    pub setting: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl AuthConfigError {
+    pub(crate) fn new(setting: &'static str, reason: impl ToString) -> Self {
+        AuthConfigError {
+            setting,
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// Parses a list of allowed rooms. Every element must be a valid room, or the whole grant is refused (as
 /// High-templar refuses a list with a non-object in it).
 pub(crate) fn parse_allowed_rooms(value: &Value) -> Result<Vec<Room>, Denial> {
@@ -106,10 +125,15 @@ pub enum Authorizer {
 
 impl Authorizer {
     /// Builds the authorizer the config asks for.
-    pub fn from_config(config: &AuthConfig, dev: bool) -> anyhow::Result<Authorizer> {
+    pub fn from_config(config: &AuthConfig, dev: bool) -> Result<Authorizer, AuthConfigError> {
         Ok(match config.effective_method() {
             None if dev => Authorizer::AllowAll,
-            None => anyhow::bail!("no auth method configured"),
+            None => {
+                return Err(AuthConfigError::new(
+                    "auth.method",
+                    "no auth method configured",
+                ))
+            }
             Some(AuthMethod::Bootstrap) => Authorizer::Bootstrap(Box::new(BootstrapAuth::new(
                 config.api_url.clone(),
                 Duration::from_millis(config.bootstrap_timeout_ms),
@@ -118,7 +142,8 @@ impl Authorizer {
             Some(AuthMethod::Jwt) => Authorizer::Jwt(JwtAuth::new(&config.jwt)?),
             Some(AuthMethod::Static) => {
                 let json = Value::Array(config.static_rooms.clone());
-                let rooms = parse_allowed_rooms(&json).map_err(|d| anyhow::anyhow!(d))?;
+                let rooms = parse_allowed_rooms(&json)
+                    .map_err(|d| AuthConfigError::new("auth.static-rooms", d.detail))?;
                 Authorizer::Static { rooms, json }
             }
         })
