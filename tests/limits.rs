@@ -41,13 +41,30 @@ async fn messages_over_the_size_limit_close_with_1009() {
 
     // A fragmented message whose fragments are small but whose total is over the limit.
     let mut fragmented = server.client().await;
-    send_frame(&mut fragmented, OpCode::Data(Data::Text), vec![b'a'; 600], false).await;
-    send_frame(&mut fragmented, OpCode::Data(Data::Continue), vec![b'a'; 600], true).await;
+    send_frame(
+        &mut fragmented,
+        OpCode::Data(Data::Text),
+        vec![b'a'; 600],
+        false,
+    )
+    .await;
+    send_frame(
+        &mut fragmented,
+        OpCode::Data(Data::Continue),
+        vec![b'a'; 600],
+        true,
+    )
+    .await;
     assert_eq!(fragmented.expect_close().await, Ended::Closed(Some(1009)));
 
     bystander.send_text("ping").await;
     assert_eq!(bystander.recv_text().await, "pong");
-    assert_eq!(server.metric("herald_client_errors_total{kind=\"too_large\"}").await, 2.0);
+    assert_eq!(
+        server
+            .metric("herald_client_errors_total{kind=\"too_large\"}")
+            .await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -55,7 +72,13 @@ async fn fragmented_messages_within_the_limit_are_reassembled() {
     let server = start_server(&[]).await;
     let mut client = server.client().await;
     send_frame(&mut client, OpCode::Data(Data::Text), b"pi".to_vec(), false).await;
-    send_frame(&mut client, OpCode::Data(Data::Continue), b"ng".to_vec(), true).await;
+    send_frame(
+        &mut client,
+        OpCode::Data(Data::Continue),
+        b"ng".to_vec(),
+        true,
+    )
+    .await;
     assert_eq!(client.recv_text().await, "pong");
 }
 
@@ -63,15 +86,42 @@ async fn fragmented_messages_within_the_limit_are_reassembled() {
 async fn invalid_utf8_closes_with_1007() {
     let server = start_server(&[]).await;
     let mut client = server.client().await;
-    send_frame(&mut client, OpCode::Data(Data::Text), vec![b'{', 0xff, 0xfe, b'}'], true).await;
+    send_frame(
+        &mut client,
+        OpCode::Data(Data::Text),
+        vec![b'{', 0xff, 0xfe, b'}'],
+        true,
+    )
+    .await;
     assert_eq!(client.expect_close().await, Ended::Closed(Some(1007)));
 
     // Split inside a multi-byte character across fragments is valid; an invalid sequence across them is not.
     let mut split = server.client().await;
-    send_frame(&mut split, OpCode::Data(Data::Text), vec![b'"', 0xc3], false).await;
-    send_frame(&mut split, OpCode::Data(Data::Continue), vec![0xa9, b'"'], true).await;
-    assert_eq!(split.recv_json().await["message"], "message-type-not-allowed");
-    send_frame(&mut split, OpCode::Data(Data::Text), vec![b'"', 0xc3], false).await;
+    send_frame(
+        &mut split,
+        OpCode::Data(Data::Text),
+        vec![b'"', 0xc3],
+        false,
+    )
+    .await;
+    send_frame(
+        &mut split,
+        OpCode::Data(Data::Continue),
+        vec![0xa9, b'"'],
+        true,
+    )
+    .await;
+    assert_eq!(
+        split.recv_json().await["message"],
+        "message-type-not-allowed"
+    );
+    send_frame(
+        &mut split,
+        OpCode::Data(Data::Text),
+        vec![b'"', 0xc3],
+        false,
+    )
+    .await;
     send_frame(&mut split, OpCode::Data(Data::Continue), vec![b'"'], true).await;
     assert_eq!(split.expect_close().await, Ended::Closed(Some(1007)));
 }
@@ -80,7 +130,11 @@ async fn invalid_utf8_closes_with_1007() {
 async fn binary_frames_get_an_error_frame() {
     let server = start_server(&[]).await;
     let mut client = server.client().await;
-    client.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    client
+        .ws
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
     let reply = client.recv_json().await;
     assert_eq!(reply["code"], "error");
     assert_eq!(reply["message"], "binary-not-supported");
@@ -92,36 +146,63 @@ async fn binary_frames_get_an_error_frame() {
 async fn subscriptions_per_connection_are_capped() {
     let server = start_server(&[("limits.max-subscriptions-per-connection", "2")]).await;
     let mut client = server.client().await;
-    assert_eq!(client.subscribe(json!(1), json!({"r": 1})).await["code"], "success");
-    assert_eq!(client.subscribe(json!(2), json!({"r": 2})).await["code"], "success");
+    assert_eq!(
+        client.subscribe(json!(1), json!({"r": 1})).await["code"],
+        "success"
+    );
+    assert_eq!(
+        client.subscribe(json!(2), json!({"r": 2})).await["code"],
+        "success"
+    );
     assert_eq!(
         client.subscribe(json!(3), json!({"r": 3})).await,
         json!({"code": "error", "message": "too-many-subscriptions", "requestId": 3})
     );
-    client.send_json(json!({"type": "unsubscribe", "requestId": 1})).await;
+    client
+        .send_json(json!({"type": "unsubscribe", "requestId": 1}))
+        .await;
     client.recv_json().await;
-    assert_eq!(client.subscribe(json!(3), json!({"r": 3})).await["code"], "success");
+    assert_eq!(
+        client.subscribe(json!(3), json!({"r": 3})).await["code"],
+        "success"
+    );
 }
 
 #[tokio::test]
 async fn origins_outside_the_allow_list_are_refused() {
-    let server = start_server(&[("limits.allowed-origins", "https://app.example, https://*.example.org")]).await;
+    let server = start_server(&[(
+        "limits.allowed-origins",
+        "https://app.example, https://*.example.org",
+    )])
+    .await;
     for origin in ["https://app.example", "https://eu.example.org"] {
         let mut client = WsClient::connect(&server.ws_url(), &[("origin", origin)]).await;
         assert_eq!(client.recv_json().await["is_authorized"], true, "{origin}");
     }
-    for origin in ["https://evil.example", "http://app.example", "https://example.org.evil"] {
+    for origin in [
+        "https://evil.example",
+        "http://app.example",
+        "https://example.org.evil",
+    ] {
         match WsClient::try_connect(&server.ws_url(), &[("origin", origin)]).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 assert_eq!(response.status(), 403, "{origin}")
             }
-            other => panic!("{origin}: expected 403, got {:?}", other.map(|_| "a connection")),
+            other => panic!(
+                "{origin}: expected 403, got {:?}",
+                other.map(|_| "a connection")
+            ),
         }
     }
     // Non-browser clients send no Origin; the allow-list is a browser protection and lets them through.
     let mut client = WsClient::connect(&server.ws_url(), &[]).await;
     assert_eq!(client.recv_json().await["is_authorized"], true);
-    assert_eq!(server.metric("herald_connections_refused_total{reason=\"origin\"}").await, 3.0);
+    assert_eq!(
+        server
+            .metric("herald_connections_refused_total{reason=\"origin\"}")
+            .await,
+        3.0
+    );
 }
 
 #[tokio::test]
@@ -196,13 +277,25 @@ async fn a_slow_consumer_is_disconnected_without_slowing_anyone() {
     let payload = "x".repeat(16 * 1024);
     let mut published = 0u64;
     for _ in 0..4000 {
-        server.publish(json!({"rooms": [{"feed": "big"}], "data": payload})).await;
+        server
+            .publish(json!({"rooms": [{"feed": "big"}], "data": payload}))
+            .await;
         published += 1;
-        if published % 25 == 0 && server.metric("herald_slow_consumer_disconnects_total").await >= 1.0 {
+        if published % 25 == 0
+            && server
+                .metric("herald_slow_consumer_disconnects_total")
+                .await
+                >= 1.0
+        {
             break;
         }
     }
-    assert_eq!(server.metric("herald_slow_consumer_disconnects_total").await, 1.0);
+    assert_eq!(
+        server
+            .metric("herald_slow_consumer_disconnects_total")
+            .await,
+        1.0
+    );
     // Let the fast reader catch up, then stop it.
     for _ in 0..200 {
         if received.load(Ordering::Relaxed) == published {
@@ -212,11 +305,20 @@ async fn a_slow_consumer_is_disconnected_without_slowing_anyone() {
     }
     stop.store(true, Ordering::Relaxed);
     let _fast = reader.await.unwrap();
-    assert_eq!(received.load(Ordering::Relaxed), published, "the fast subscriber got every message");
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        published,
+        "the fast subscriber got every message"
+    );
 
     // The slow client, reading at last, finds the documented close code after what was already in flight.
     assert_eq!(slow.expect_close().await, Ended::Closed(Some(4008)));
-    assert!(server.metric("herald_messages_dropped_total{reason=\"slow_consumer\"}").await >= 1.0);
+    assert!(
+        server
+            .metric("herald_messages_dropped_total{reason=\"slow_consumer\"}")
+            .await
+            >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -243,15 +345,20 @@ async fn grpc_messages_over_the_body_limit_are_refused() {
     use herald_proto::v1::publisher_client::PublisherClient;
     use herald_proto::v1::{target, PublishRequest, Target};
     let server = start_server(&[("limits.max-publish-body-bytes", "1024")]).await;
-    let mut grpc = PublisherClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    let mut grpc = PublisherClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
     let request = |size: usize| {
         let mut request = tonic::Request::new(PublishRequest {
-            targets: vec![Target { kind: Some(target::Kind::All(true)) }],
+            targets: vec![Target {
+                kind: Some(target::Kind::All(true)),
+            }],
             data_json: serde_json::to_vec(&"x".repeat(size)).unwrap(),
         });
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {API_KEY}").parse().unwrap());
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {API_KEY}").parse().unwrap(),
+        );
         request
     };
     let error = grpc.publish(request(2000)).await.unwrap_err();

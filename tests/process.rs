@@ -63,10 +63,18 @@ impl Herald {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 let mut stderr = String::new();
-                self.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .unwrap();
                 return (status.code(), stderr);
             }
-            assert!(Instant::now() < deadline, "herald did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "herald did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -82,17 +90,36 @@ impl Drop for Herald {
 }
 
 fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let output = Command::new(HERALD).args(args).envs(env.iter().copied()).output().unwrap();
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    let output = Command::new(HERALD)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn invalid_configuration_exits_64_and_says_what_is_wrong() {
-    let (code, stderr) = run_to_exit(&["dev", "--port", "0", "--set", "limits.max-message-bytes=lots"], &[]);
+    let (code, stderr) = run_to_exit(
+        &[
+            "dev",
+            "--port",
+            "0",
+            "--set",
+            "limits.max-message-bytes=lots",
+        ],
+        &[],
+    );
     assert_eq!(code, Some(64));
     assert!(stderr.contains("lots"), "{stderr}");
 
-    let (code, stderr) = run_to_exit(&["dev", "--port", "0"], &[("HERALD_LIMITS_IDLE_TIMEOUT_SECS", "0")]);
+    let (code, stderr) = run_to_exit(
+        &["dev", "--port", "0"],
+        &[("HERALD_LIMITS_IDLE_TIMEOUT_SECS", "0")],
+    );
     assert_eq!(code, Some(64));
     assert!(stderr.contains("limits.idle-timeout-secs"), "{stderr}");
 
@@ -103,7 +130,10 @@ fn invalid_configuration_exits_64_and_says_what_is_wrong() {
     let (code, stderr) = run_to_exit(&["-c", file.to_str().unwrap(), "dev"], &[]);
     assert_eq!(code, Some(64));
     assert!(stderr.contains("max-mesage-bytes"), "{stderr}");
-    let (code, stderr) = run_to_exit(&["-c", dir.join("missing.yaml").to_str().unwrap(), "dev"], &[]);
+    let (code, stderr) = run_to_exit(
+        &["-c", dir.join("missing.yaml").to_str().unwrap(), "dev"],
+        &[],
+    );
     assert_eq!(code, Some(64));
     assert!(stderr.contains("missing.yaml"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -121,7 +151,12 @@ fn config_prints_every_setting() {
     let output = Command::new(HERALD).arg("config").output().unwrap();
     assert!(output.status.success());
     let table = String::from_utf8(output.stdout).unwrap();
-    for needle in ["`server-port`", "`HERALD_SERVER_PORT`", "`limits.max-message-bytes`", "`auth.jwt.hs256-secret`"] {
+    for needle in [
+        "`server-port`",
+        "`HERALD_SERVER_PORT`",
+        "`limits.max-message-bytes`",
+        "`auth.jwt.hs256-secret`",
+    ] {
         assert!(table.contains(needle), "{needle} missing from:\n{table}");
     }
 }
@@ -134,8 +169,14 @@ async fn dev_prints_how_to_connect_and_warns_loudly() {
     herald.signal("INT");
     let (code, stderr) = herald.wait(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{stderr}");
-    let guide = herald.stdout_rest.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert!(guide.contains(&format!("ws://{}/ws/", herald.http)), "{guide}");
+    let guide = herald
+        .stdout_rest
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        guide.contains(&format!("ws://{}/ws/", herald.http)),
+        "{guide}"
+    );
     assert!(guide.contains("curl -X POST"), "{guide}");
     assert!(stderr.contains("DEV MODE"), "{stderr}");
     assert!(stderr.contains("SIGINT"), "{stderr}");
@@ -154,7 +195,12 @@ async fn sigterm_drains_readiness_then_sockets_then_exits_zero() {
     ]);
     let base = format!("http://{}", herald.http);
     let ws_url = format!("ws://{}/ws/", herald.http);
-    assert_eq!(http_request("GET", &format!("{base}/readyz"), &[], "").await.0, 200);
+    assert_eq!(
+        http_request("GET", &format!("{base}/readyz"), &[], "")
+            .await
+            .0,
+        200
+    );
     let mut client = WsClient::connect(&ws_url, &[]).await;
     assert_eq!(client.recv_json().await["is_authorized"], true);
     client.subscribe(json!("r"), json!({"a": 1})).await;
@@ -172,8 +218,13 @@ async fn sigterm_drains_readiness_then_sockets_then_exits_zero() {
     }
     // ...new WebSocket upgrades are refused...
     match WsClient::try_connect(&ws_url, &[]).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
-        other => panic!("expected 503 while draining, got {:?}", other.map(|_| "a connection")),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!(
+            "expected 503 while draining, got {:?}",
+            other.map(|_| "a connection")
+        ),
     }
     // ...then every socket is told the server is going away.
     assert_eq!(client.expect_close().await, Ended::Closed(Some(1001)));
@@ -201,7 +252,10 @@ async fn the_drain_deadline_is_enforced_and_reported() {
     herald.signal("TERM");
     let (code, stderr) = herald.wait(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stderr.contains("drain deadline cut the drain short"), "{stderr}");
+    assert!(
+        stderr.contains("drain deadline cut the drain short"),
+        "{stderr}"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(client);
 }

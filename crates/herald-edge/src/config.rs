@@ -612,17 +612,30 @@ mod tests {
     #[test]
     fn every_setting_has_an_env_var_and_a_description() {
         let reference = Config::reference();
-        assert!(reference.iter().any(|s| s.key == "limits.max-message-bytes"
-            && s.env == "HERALD_LIMITS_MAX_MESSAGE_BYTES"));
+        assert!(reference
+            .iter()
+            .any(|s| s.key == "limits.max-message-bytes"
+                && s.env == "HERALD_LIMITS_MAX_MESSAGE_BYTES"));
         for setting in &reference {
-            assert!(!setting.description.is_empty(), "{} has no description", setting.key);
+            assert!(
+                !setting.description.is_empty(),
+                "{} has no description",
+                setting.key
+            );
         }
-        assert_eq!(reference.len(), DESCRIPTIONS.len(), "a description names no setting");
+        assert_eq!(
+            reference.len(),
+            DESCRIPTIONS.len(),
+            "a description names no setting"
+        );
     }
 
     #[test]
     fn the_example_config_is_valid() {
-        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../herald.example.yaml"));
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../herald.example.yaml"
+        ));
         let c = Config::load(Some(path), &BTreeMap::new(), &Overrides::new()).unwrap();
         assert_eq!(c.auth.effective_method(), Some(AuthMethod::Bootstrap));
         assert_eq!(c.shutdown.drain_delay_ms, 5000);
@@ -631,14 +644,18 @@ mod tests {
     /// The README's configuration table is the one `herald config` prints; this keeps the two the same.
     #[test]
     fn the_readme_lists_every_setting() {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
-            .expect("README.md");
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .expect("README.md");
         for setting in Config::reference() {
             let row = format!(
                 "| `{}` | `{}` | `{}` | {} |",
                 setting.key, setting.env, setting.default, setting.description
             );
-            assert!(readme.contains(&row), "README.md lacks the row:\n{row}\n(run `herald config`)");
+            assert!(
+                readme.contains(&row),
+                "README.md lacks the row:\n{row}\n(run `herald config`)"
+            );
         }
     }
 }

@@ -239,7 +239,9 @@ impl Reader<'_> {
             let (opcode, payload) = match frame.opcode {
                 OpCode::Close => return,
                 OpCode::Ping => {
-                    let _ = self.outbound.push_pong(Bytes::copy_from_slice(&frame.payload));
+                    let _ = self
+                        .outbound
+                        .push_pong(Bytes::copy_from_slice(&frame.payload));
                     continue;
                 }
                 OpCode::Pong => continue,

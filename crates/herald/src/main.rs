@@ -99,7 +99,10 @@ fn main() -> ExitCode {
         Command::Config => {
             println!("| key | environment variable | default | what it does |\n|---|---|---|---|");
             for s in Config::reference() {
-                println!("| `{}` | `{}` | `{}` | {} |", s.key, s.env, s.default, s.description);
+                println!(
+                    "| `{}` | `{}` | `{}` | {} |",
+                    s.key, s.env, s.default, s.description
+                );
             }
             return ExitCode::SUCCESS;
         }
