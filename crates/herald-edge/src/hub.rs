@@ -239,6 +239,9 @@ impl Hub {
             let mut buf = BytesMut::new();
             for room in rooms {
                 index.for_each_match(room, |_, subscribers| {
+                    // One allocation for all of this room's frames; each frame is split off it.
+                    let typical = template.publish_len(16);
+                    buf.reserve(typical * subscribers.len());
                     for (sub_id, subscriber) in subscribers {
                         if dedupe && !seen.insert(*sub_id) {
                             continue;

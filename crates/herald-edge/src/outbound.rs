@@ -165,10 +165,14 @@ impl Outbound {
         &self.kill
     }
 
-    fn take(&self) -> (VecDeque<Queued>, Option<(u16, &'static str)>) {
+    /// Swaps the queued frames into `into` (which must be empty) and returns the pending close. Swapping keeps
+    /// both deques' capacity, so a steady stream allocates no queue memory.
+    fn take_into(&self, into: &mut VecDeque<Queued>) -> Option<(u16, &'static str)> {
+        debug_assert!(into.is_empty());
         let mut state = self.state.lock();
         state.bytes = 0;
-        (std::mem::take(&mut state.frames), state.close)
+        std::mem::swap(&mut state.frames, into);
+        state.close
     }
 }
 
@@ -229,9 +233,12 @@ async fn write_until_closed<W: AsyncWrite + Unpin>(
     reader_done: &CancellationToken,
 ) -> WriterExit {
     let mut buf = BytesMut::with_capacity(4096);
+    let mut frames = VecDeque::new();
+    let mut published = Vec::new();
     let mut going_away_sent = false;
     loop {
-        let (frames, close) = outbound.take();
+        frames.clear();
+        let close = outbound.take_into(&mut frames);
         if frames.is_empty() && close.is_none() {
             tokio::select! {
                 // Biased: a close queued just before the reader finished must still be sent.
@@ -249,7 +256,7 @@ async fn write_until_closed<W: AsyncWrite + Unpin>(
         }
 
         buf.clear();
-        let mut published = Vec::new();
+        published.clear();
         let frame_count = frames.len() as u64;
         for frame in &frames {
             encode_frame(frame.opcode, &frame.payload, &mut buf);
@@ -274,7 +281,7 @@ async fn write_until_closed<W: AsyncWrite + Unpin>(
         }
         metrics.frames_sent.add(frame_count);
         let now = Instant::now();
-        for at in published {
+        for &at in &published {
             metrics.publish_to_delivery.observe(now.duration_since(at));
         }
         if let Some((code, _)) = close {

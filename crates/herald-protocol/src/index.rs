@@ -24,6 +24,8 @@ type Values = Arc<[Scalar]>;
 pub struct RoomIndex<V> {
     shapes: HashMap<Arc<[Arc<str>]>, Shape<V>>,
     len: usize,
+    /// `"*"`, made once so lookups do not allocate it per probe.
+    wildcard: Scalar,
 }
 
 #[derive(Debug)]
@@ -46,6 +48,7 @@ impl<V> Default for RoomIndex<V> {
         RoomIndex {
             shapes: HashMap::new(),
             len: 0,
+            wildcard: Scalar::Str(Arc::from(crate::room::WILDCARD)),
         }
     }
 }
@@ -153,7 +156,7 @@ impl<V> RoomIndex<V> {
             for &mask in shape.masks.keys() {
                 for (i, slot) in probe.iter_mut().enumerate() {
                     *slot = if mask & (1 << i) != 0 {
-                        Scalar::Str(Arc::from(crate::room::WILDCARD))
+                        self.wildcard.clone()
                     } else {
                         published.values()[i].clone()
                     };
@@ -166,14 +169,14 @@ impl<V> RoomIndex<V> {
         }
 
         // Wildcard publish: walk the smallest candidate set among the fixed positions.
-        let wildcard = Scalar::Str(Arc::from(crate::room::WILDCARD));
+        let wildcard = &self.wildcard;
         let mut best: Option<(usize, [Option<&HashSet<Values>>; 2])> = None;
         for (i, value) in published.values().iter().enumerate() {
             if publish_mask & (1 << i) != 0 {
                 continue;
             }
             let exact = shape.postings[i].get(value);
-            let star = shape.postings[i].get(&wildcard);
+            let star = shape.postings[i].get(wildcard);
             let size = exact.map_or(0, HashSet::len) + star.map_or(0, HashSet::len);
             if best.as_ref().is_none_or(|(s, _)| size < *s) {
                 best = Some((size, [exact, star]));
