@@ -109,6 +109,32 @@ async fn read_publish_body(
     }
 }
 
+/// A publish body's top-level fields, each kept as the exact JSON text the backend sent.
+struct PublishFields(BTreeMap<String, Box<RawValue>>);
+
+impl PublishFields {
+    /// Checks the key, reads the body within its limit and splits the top-level object.
+    async fn read(state: &State, request: hyper::Request<Incoming>) -> Result<Self, PublishError> {
+        let body = read_publish_body(state, request).await?;
+        serde_json::from_slice(&body)
+            .map(PublishFields)
+            .map_err(|e| PublishError::BadRequest(format!("body is not a JSON object: {e}")))
+    }
+
+    /// `data`, verbatim: it is delivered byte for byte.
+    fn data(&self) -> Result<Bytes, PublishError> {
+        let raw = self.0.get("data").ok_or(PublishError::DataMissing)?;
+        Ok(Bytes::copy_from_slice(raw.get().as_bytes()))
+    }
+
+    /// A field parsed as a JSON value.
+    fn value(&self, name: &str) -> Option<Value> {
+        self.0
+            .get(name)
+            .map(|raw| serde_json::from_str(raw.get()).expect("RawValue holds valid JSON"))
+    }
+}
+
 fn count_error(state: &State, error: &PublishError) {
     state.metrics.publish_errors.inc(error.metric_reason());
     tracing::info!(cause = %error, "publish refused");
@@ -117,14 +143,12 @@ fn count_error(state: &State, error: &PublishError) {
 /// `POST /trigger/`: High-templar 2.x's publish, with its plain-text answers.
 async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Response<Body> {
     let result = async {
-        let body = read_publish_body(&state, request).await?;
-        let fields: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(&body)
-            .map_err(|e| PublishError::BadRequest(format!("body is not a JSON object: {e}")))?;
-        let rooms = fields.get("rooms").ok_or(PublishError::RoomsMissing)?;
-        let data = fields.get("data").ok_or(PublishError::DataMissing)?;
-        let rooms: Value = serde_json::from_str(rooms.get()).expect("RawValue holds valid JSON");
+        let fields = PublishFields::read(&state, request).await?;
+        // High-templar 2.x checks rooms before data, and so do its answers.
+        let rooms = fields.value("rooms").ok_or(PublishError::RoomsMissing)?;
+        let data = fields.data()?;
         let targets = parse_room_targets(&rooms, state.config.limits.max_rooms_per_publish)?;
-        Ok::<_, PublishError>((targets, Bytes::copy_from_slice(data.get().as_bytes())))
+        Ok::<_, PublishError>((targets, data))
     }
     .await;
     match result {
@@ -135,13 +159,8 @@ async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
         }
         Err(error) => {
             count_error(&state, &error);
-            let status = error.status();
-            let body = match &error {
-                PublishError::RoomsMissing => "rooms not specified".to_string(),
-                PublishError::DataMissing => "data not specified".to_string(),
-                other => other.to_string(),
-            };
-            respond(status, "text/plain; charset=utf-8", body)
+            // The Display texts of RoomsMissing and DataMissing are High-templar's answers.
+            respond(error.status(), "text/plain; charset=utf-8", error.to_string())
         }
     }
 }
@@ -149,15 +168,9 @@ async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
 /// `POST /api/v1/publish`: `{"rooms":[...], "users":[...], "connections":[...], "all": bool, "data": ...}`.
 async fn publish(state: Arc<State>, request: hyper::Request<Incoming>) -> Response<Body> {
     let result = async {
-        let body = read_publish_body(&state, request).await?;
-        let fields: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(&body)
-            .map_err(|e| PublishError::BadRequest(format!("body is not a JSON object: {e}")))?;
-        let data = fields.get("data").ok_or(PublishError::DataMissing)?;
-        let field = |name: &str| -> Option<Value> {
-            fields
-                .get(name)
-                .map(|raw| serde_json::from_str(raw.get()).expect("RawValue holds valid JSON"))
-        };
+        let fields = PublishFields::read(&state, request).await?;
+        let data = fields.data()?;
+        let field = |name: &str| fields.value(name);
         let limit = state.config.limits.max_rooms_per_publish;
         let mut targets = match field("rooms") {
             Some(rooms) => parse_room_targets(&rooms, limit)?,
@@ -196,7 +209,7 @@ async fn publish(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
         if targets.len() > limit {
             return Err(PublishError::TooManyTargets(limit));
         }
-        Ok((targets, Bytes::copy_from_slice(data.get().as_bytes())))
+        Ok((targets, data))
     }
     .await;
     match result {

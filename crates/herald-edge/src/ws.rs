@@ -321,6 +321,11 @@ impl Reader<'_> {
     }
 
     fn error(&self, error: ProtocolError) {
+        tracing::debug!(
+            connection = self.conn.map_or("", |c| &c.id),
+            code = error.code.as_str(),
+            "client error"
+        );
         let request_id = error
             .request_id
             .unwrap_or_else(|| RequestId::from_connection_id(self.conn.map_or("", |c| &c.id)));
