@@ -160,7 +160,11 @@ async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
         Err(error) => {
             count_error(&state, &error);
             // The Display texts of RoomsMissing and DataMissing are High-templar's answers.
-            respond(error.status(), "text/plain; charset=utf-8", error.to_string())
+            respond(
+                error.status(),
+                "text/plain; charset=utf-8",
+                error.to_string(),
+            )
         }
     }
 }
