@@ -1,0 +1,23 @@
+//! herald's registry: a raft group (openraft 0.9) that replicates which edges exist (with leases), which rooms
+//! each edge has local subscribers for, routes and cluster settings.
+//!
+//! The registry never sees individual connections or messages: edges report only the first subscriber to a room
+//! arriving and the last one leaving, in batches, and publishes travel edge to edge without touching raft.
+//!
+//! # Layout
+//! - [`types`]: the raft `TypeConfig` and the log's [`Request`] / [`Response`].
+//! - [`state`]: the replicated state and how each request changes it (pure, deterministic).
+//! - [`store`]: durable raft storage: the log and vote in segment files, the state machine with snapshots.
+//! - [`canonical_room`]: the one room spelling interest is keyed by.
+
+pub mod state;
+pub mod store;
+pub mod types;
+
+pub use state::{Change, RegistryState};
+pub use types::{EdgeId, InterestChange, NodeId, RegistryNode, Request, Response, TypeConfig};
+
+/// The canonical JSON text of a room (keys sorted, values as parsed), so every edge spells a room the same way.
+pub fn canonical_room(room: &herald_protocol::Room) -> String {
+    room.to_json().to_string()
+}

@@ -1,0 +1,1 @@
+//! Durable raft storage (in progress).

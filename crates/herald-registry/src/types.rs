@@ -1,0 +1,102 @@
+//! The raft type configuration and the commands the registry's log carries.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+/// A registry member's raft id.
+pub type NodeId = u64;
+
+/// An edge's id: chosen by the edge, stable across its reconnects, unique in the cluster.
+pub type EdgeId = String;
+
+/// What the raft membership records about a registry member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryNode {
+    /// The member's internal gRPC address (raft and registry services), `host:port`.
+    pub addr: String,
+}
+
+impl std::fmt::Display for RegistryNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// herald's raft types: [`Request`] in, [`Response`] out, members addressed by [`RegistryNode`].
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = RegistryNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// One interest change from one edge: it gained its first, or lost its last, local subscriber to `room`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterestChange {
+    /// The edge.
+    pub edge: EdgeId,
+    /// Rooms (canonical JSON, see [`crate::canonical_room`]) the edge now wants.
+    pub add: Vec<String>,
+    /// Rooms it no longer wants.
+    pub remove: Vec<String>,
+}
+
+/// A command in the registry's raft log.
+///
+/// Keep-alives are deliberately absent: leases are tracked in the leader's memory (and restarted in full when a
+/// new leader takes over), so a healthy cluster commits nothing per heartbeat. Only registration and expiry are
+/// replicated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// An edge joins (or rejoins) with its peer address; a rejoin clears what it held before.
+    RegisterEdge {
+        /// The edge.
+        edge: EdgeId,
+        /// Where other edges reach its peer service.
+        peer_addr: String,
+        /// Its lease TTL.
+        ttl_ms: u64,
+    },
+    /// Edges whose leases expired (or that left): they and all their interest are removed.
+    RemoveEdges {
+        /// The edges.
+        edges: Vec<EdgeId>,
+    },
+    /// A batch of interest changes, from one or many edges: one raft entry for many subscription changes.
+    Interest {
+        /// The changes, applied in order.
+        changes: Vec<InterestChange>,
+    },
+    /// Adds or replaces a route (the bridges issue defines its body).
+    PutRoute {
+        /// Route name.
+        name: String,
+        /// Route definition.
+        route: serde_json::Value,
+    },
+    /// Removes a route.
+    DeleteRoute {
+        /// Route name.
+        name: String,
+    },
+    /// Sets a cluster setting.
+    PutSetting {
+        /// Setting key.
+        key: String,
+        /// Setting value.
+        value: String,
+    },
+}
+
+/// What applying a [`Request`] produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Response {
+    /// The revision the change was applied at (the raft log index).
+    pub revision: u64,
+    /// Edges named by the request that were not registered (their interest was ignored): they must register
+    /// again and resend their full interest.
+    pub unknown_edges: Vec<EdgeId>,
+}
