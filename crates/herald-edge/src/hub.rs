@@ -17,6 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use herald_protocol::{DeliveryTemplate, RequestId, Room, RoomIndex};
 
 use crate::auth::Permissions;
+use crate::interest::InterestTracker;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, PushError};
 
@@ -91,6 +92,8 @@ pub struct Hub {
     id_prefix: u64,
     max_subscriptions: usize,
     metrics: Arc<Metrics>,
+    /// Set in a cluster: told when a room gains its first or loses its last local subscriber.
+    interest: Option<Arc<InterestTracker>>,
 }
 
 impl Hub {
@@ -108,6 +111,39 @@ impl Hub {
             id_prefix,
             max_subscriptions,
             metrics,
+            interest: None,
+        }
+    }
+
+    /// Reports this hub's room interest transitions to `tracker` (cluster mode).
+    pub fn with_interest_tracker(mut self, tracker: Arc<InterestTracker>) -> Self {
+        self.interest = Some(tracker);
+        self
+    }
+
+    /// Every room with at least one local subscriber, canonical: the full interest sent when (re)registering.
+    pub fn local_interest(&self) -> Vec<String> {
+        self.index
+            .read()
+            .iter()
+            .map(|(room, _)| room.canonical_json())
+            .collect()
+    }
+
+    fn remove_subscriber(
+        &self,
+        index: &mut RoomIndex<HashMap<u64, Subscriber>>,
+        room: &Room,
+        sub_id: u64,
+    ) {
+        if let Some(subscribers) = index.get_mut(room) {
+            subscribers.remove(&sub_id);
+            if subscribers.is_empty() {
+                index.remove(room);
+                if let Some(tracker) = &self.interest {
+                    tracker.record(room.canonical_json(), false);
+                }
+            }
         }
     }
 
@@ -145,7 +181,7 @@ impl Hub {
         if !subscriptions.is_empty() {
             let mut index = self.index.write();
             for (room, sub_id) in subscriptions.into_values() {
-                remove_subscriber(&mut index, &room, sub_id);
+                self.remove_subscriber(&mut index, &room, sub_id);
                 self.metrics.subscriptions.add(-1);
             }
             self.metrics.rooms.set(index.len() as i64);
@@ -189,9 +225,14 @@ impl Hub {
         let sub_id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
         let mut index = self.index.write();
         if let Some((old_room, old_id)) = previous {
-            remove_subscriber(&mut index, &old_room, old_id);
+            self.remove_subscriber(&mut index, &old_room, old_id);
         } else {
             self.metrics.subscriptions.add(1);
+        }
+        if index.get(&room).is_none() {
+            if let Some(tracker) = &self.interest {
+                tracker.record(room.canonical_json(), true);
+            }
         }
         index.get_or_insert_with(&room, HashMap::new).insert(
             sub_id,
@@ -212,7 +253,7 @@ impl Hub {
             return false;
         };
         let mut index = self.index.write();
-        remove_subscriber(&mut index, &room, sub_id);
+        self.remove_subscriber(&mut index, &room, sub_id);
         self.metrics.subscriptions.add(-1);
         self.metrics.rooms.set(index.len() as i64);
         true
@@ -325,15 +366,6 @@ impl Hub {
     }
 }
 
-fn remove_subscriber(index: &mut RoomIndex<HashMap<u64, Subscriber>>, room: &Room, sub_id: u64) {
-    if let Some(subscribers) = index.get_mut(room) {
-        subscribers.remove(&sub_id);
-        if subscribers.is_empty() {
-            index.remove(room);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +450,34 @@ mod tests {
             Bytes::from_static(b"0"),
         );
         assert_eq!(out.connections_reached, 0);
+    }
+
+    #[test]
+    fn only_first_and_last_subscribers_are_interest_changes() {
+        let tracker = Arc::new(InterestTracker::new());
+        let hub = hub().with_interest_tracker(tracker.clone());
+        let a = conn(&hub, None);
+        let b = conn(&hub, None);
+        hub.subscribe(&a, rid("1"), room(json!({"r": 1}))).unwrap();
+        hub.subscribe(&b, rid("1"), room(json!({"r": 1}))).unwrap();
+        hub.subscribe(&b, rid("2"), room(json!({"r": 2}))).unwrap();
+        let mut batch = tracker.take_batch(100);
+        batch.add.sort();
+        assert_eq!(
+            batch.add,
+            vec![r#"{"r":1}"#.to_string(), r#"{"r":2}"#.to_string()]
+        );
+        assert_eq!(hub.local_interest().len(), 2);
+        // One of two subscribers leaving changes nothing; the last one leaving removes the room.
+        hub.disconnect(&a);
+        assert!(tracker.take_batch(100).is_empty());
+        hub.disconnect(&b);
+        let mut batch = tracker.take_batch(100);
+        batch.remove.sort();
+        assert_eq!(
+            batch.remove,
+            vec![r#"{"r":1}"#.to_string(), r#"{"r":2}"#.to_string()]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - `ws`: the upgrade checks and each connection's reader.
 //! - [`outbound`]: each connection's bounded send queue and its writer.
 //! - [`hub`]: connections, subscriptions and the publish fan-out.
+//! - [`interest`]: batching the hub's room interest transitions for the cluster registry.
 //! - [`auth`]: bootstrap, JWT and static authorization; API keys.
 //! - [`grpc`]: the `herald.v1.Publisher` service.
 //! - [`publish`]: what the publish APIs share.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod grpc;
 mod http;
 pub mod hub;
+pub mod interest;
 pub mod metrics;
 pub mod outbound;
 pub mod publish;

@@ -172,6 +172,12 @@ impl Room {
                 .all(|(a, b)| a == b || a.is_wildcard() || b.is_wildcard())
     }
 
+    /// The room's canonical JSON text: keys sorted, values as parsed. Every node spells a room this way, so it can
+    /// key replicated state.
+    pub fn canonical_json(&self) -> String {
+        self.to_json().to_string()
+    }
+
     /// The room as a JSON object.
     pub fn to_json(&self) -> Value {
         let map: Map<String, Value> = self
@@ -280,6 +286,18 @@ mod tests {
         assert!(room(json!({"customer": 7})).matches(&sub));
         assert!(!room(json!({"customer": "1"})).matches(&room(json!({"customer": "2"}))));
         assert!(!room(json!({"customer": "1", "x": 1})).matches(&sub));
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys() {
+        assert_eq!(
+            room(json!({"b": 1, "a": "x"})).canonical_json(),
+            r#"{"a":"x","b":1}"#
+        );
+        let back = Room::from_json(
+            &serde_json::from_str(&room(json!({"z": 1.5})).canonical_json()).unwrap(),
+        );
+        assert_eq!(back.unwrap(), room(json!({"z": 1.5})));
     }
 
     #[test]
