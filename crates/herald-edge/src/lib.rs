@@ -6,6 +6,7 @@
 //! - `ws`: the upgrade checks and each connection's reader.
 //! - [`outbound`]: each connection's bounded send queue and its writer.
 //! - [`hub`]: connections, subscriptions and the publish fan-out.
+//! - [`cluster_view`]: the local read replica of the registry that the publish path consults.
 //! - [`interest`]: batching the hub's room interest transitions for the cluster registry.
 //! - [`auth`]: bootstrap, JWT and static authorization; API keys.
 //! - [`grpc`]: the `herald.v1.Publisher` service.
@@ -14,6 +15,7 @@
 //! - [`metrics`]: Prometheus counters.
 
 pub mod auth;
+pub mod cluster_view;
 pub mod config;
 pub mod grpc;
 mod http;
