@@ -4,6 +4,7 @@
 //! - [`server`]: [`server::run`] serves the listeners until shutdown, then drains.
 //! - `http`: the HTTP routes (demo page, `/ws/`, `/trigger/`, `/api/v1/publish`, health, metrics).
 //! - `ws`: the upgrade checks and each connection's reader.
+//! - [`peer_queue`]: the bounded queue in front of each peer edge.
 //! - [`outbound`]: each connection's bounded send queue and its writer.
 //! - [`hub`]: connections, subscriptions and the publish fan-out.
 //! - [`cluster_view`]: the local read replica of the registry that the publish path consults.
@@ -23,6 +24,7 @@ pub mod hub;
 pub mod interest;
 pub mod metrics;
 pub mod outbound;
+pub mod peer_queue;
 pub mod publish;
 pub mod server;
 mod ws;
