@@ -5,7 +5,12 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["herald/v1/publisher.proto"];
+    let files = [
+        "herald/v1/publisher.proto",
+        "herald/v1/raft.proto",
+        "herald/v1/registry.proto",
+        "herald/v1/peer.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

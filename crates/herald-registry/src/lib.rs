@@ -8,8 +8,16 @@
 //! - [`types`]: the raft `TypeConfig` and the log's [`Request`] / [`Response`].
 //! - [`state`]: the replicated state and how each request changes it (pure, deterministic).
 //! - [`store`]: durable raft storage: the log and vote in segment files, the state machine with snapshots.
+//! - [`network`]: openraft's network over gRPC: how a member sends raft RPCs to the others.
+//! - [`grpc`]: the internal gRPC services members serve each other (raft), behind the cluster secret.
+//! - [`leases`]: edge leases, in the leader's memory only.
+//! - [`batcher`]: group commit of many edges' interest updates into one raft entry.
 //! - [`canonical_room`]: the one room spelling interest is keyed by.
 
+pub mod batcher;
+pub mod grpc;
+pub mod leases;
+pub mod network;
 pub mod state;
 pub mod store;
 pub mod types;
@@ -19,5 +27,5 @@ pub use types::{EdgeId, InterestChange, NodeId, RegistryNode, Request, Response,
 
 /// The canonical JSON text of a room (keys sorted, values as parsed), so every edge spells a room the same way.
 pub fn canonical_room(room: &herald_protocol::Room) -> String {
-    room.to_json().to_string()
+    room.canonical_json()
 }

@@ -1,0 +1,203 @@
+//! Group commit for interest updates: many edges' changes, one raft entry.
+//!
+//! Each `UpdateInterest` call queues its change and waits. A single flusher takes everything queued — up to
+//! [`MAX_BATCH_CHANGES`] room changes — proposes it as one `Request::Interest`, and answers every waiting
+//! caller from the one response. While a proposal is in flight the next batch accumulates, so the batch size
+//! grows with the load and the commit rate stays bounded: 64 edges each sending a change do not make 64
+//! raft commits.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify};
+
+use crate::types::{InterestChange, Request, Response};
+
+/// The most room changes one raft entry carries.
+pub const MAX_BATCH_CHANGES: usize = 4096;
+
+/// What a caller gets back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Committed at this revision.
+    Committed(u64),
+    /// The edge is not registered; nothing was applied for it.
+    UnknownEdge,
+    /// The proposal failed (not leader, no quorum, shutting down).
+    Failed(String),
+}
+
+struct Waiting {
+    change: InterestChange,
+    reply: oneshot::Sender<BatchOutcome>,
+}
+
+/// Queues interest changes for the flusher.
+#[derive(Clone, Default)]
+pub struct InterestBatcher {
+    queue: Arc<Mutex<Vec<Waiting>>>,
+    wake: Arc<Notify>,
+}
+
+impl std::fmt::Debug for InterestBatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterestBatcher")
+            .field("queued", &self.queue.lock().len())
+            .finish()
+    }
+}
+
+impl InterestBatcher {
+    /// An empty batcher; run [`Self::run`] to flush it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues one edge's change and waits for the batch it lands in to commit.
+    pub async fn submit(&self, change: InterestChange) -> BatchOutcome {
+        let (reply, answer) = oneshot::channel();
+        self.queue.lock().push(Waiting { change, reply });
+        self.wake.notify_one();
+        answer
+            .await
+            .unwrap_or_else(|_| BatchOutcome::Failed("registry shutting down".into()))
+    }
+
+    /// Flushes batches through `propose` until `shutdown` resolves.
+    pub async fn run<P, F>(self, propose: P, shutdown: impl Future<Output = ()>)
+    where
+        P: Fn(Request) -> F,
+        F: Future<Output = Result<Response, String>>,
+    {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = &mut shutdown => return,
+            }
+            loop {
+                let batch = self.take_batch();
+                if batch.is_empty() {
+                    break;
+                }
+                let changes: Vec<InterestChange> = batch.iter().map(|w| w.change.clone()).collect();
+                let outcome = propose(Request::Interest { changes }).await;
+                for waiting in batch {
+                    let answer = match &outcome {
+                        Ok(response) if response.unknown_edges.contains(&waiting.change.edge) => {
+                            BatchOutcome::UnknownEdge
+                        }
+                        Ok(response) => BatchOutcome::Committed(response.revision),
+                        Err(e) => BatchOutcome::Failed(e.clone()),
+                    };
+                    let _ = waiting.reply.send(answer);
+                }
+            }
+        }
+    }
+
+    fn take_batch(&self) -> Vec<Waiting> {
+        let mut queue = self.queue.lock();
+        let mut size = 0;
+        let mut take = 0;
+        for waiting in queue.iter() {
+            let n = waiting.change.add.len() + waiting.change.remove.len();
+            // Always take at least one, however large, so an oversized change cannot wedge the queue.
+            if take > 0 && size + n > MAX_BATCH_CHANGES {
+                break;
+            }
+            size += n;
+            take += 1;
+        }
+        queue.drain(..take).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn change(edge: &str, room: &str) -> InterestChange {
+        InterestChange {
+            edge: edge.into(),
+            add: vec![room.into()],
+            remove: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_updates_share_proposals() {
+        let batcher = InterestBatcher::new();
+        let proposals = Arc::new(AtomicUsize::new(0));
+        let counted = proposals.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = tokio::spawn(batcher.clone().run(
+            move |request| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    // A slow commit, so later submissions pile up behind it.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    let Request::Interest { changes } = request else {
+                        unreachable!()
+                    };
+                    Ok(Response {
+                        revision: changes.len() as u64,
+                        unknown_edges: changes
+                            .iter()
+                            .filter(|c| c.edge == "ghost")
+                            .map(|c| c.edge.clone())
+                            .collect(),
+                    })
+                }
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut waiters = Vec::new();
+        for i in 0..64 {
+            let b = batcher.clone();
+            let edge = if i == 7 {
+                "ghost".to_string()
+            } else {
+                format!("e{i}")
+            };
+            waiters.push(tokio::spawn(
+                async move { b.submit(change(&edge, "r")).await },
+            ));
+        }
+        let mut unknown = 0;
+        for w in waiters {
+            match w.await.unwrap() {
+                BatchOutcome::Committed(_) => {}
+                BatchOutcome::UnknownEdge => unknown += 1,
+                BatchOutcome::Failed(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(unknown, 1);
+        let n = proposals.load(Ordering::Relaxed);
+        assert!((1..64).contains(&n), "64 updates took {n} proposals");
+        let _ = stop.send(());
+        runner.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_proposal_fails_every_caller_in_it() {
+        let batcher = InterestBatcher::new();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = tokio::spawn(batcher.clone().run(
+            |_| async { Err("not the leader".to_string()) },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        assert_eq!(
+            batcher.submit(change("a", "r")).await,
+            BatchOutcome::Failed("not the leader".into())
+        );
+        let _ = stop.send(());
+        runner.await.unwrap();
+    }
+}

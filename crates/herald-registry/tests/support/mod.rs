@@ -1,0 +1,3 @@
+//! Test-only helpers.
+
+pub(crate) mod mem_store;
