@@ -36,6 +36,8 @@ pub struct Config {
     pub limits: Limits,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Cluster membership: the registry to register with and the peer listener. Empty `registry`: single node.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -50,7 +52,52 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             shutdown: ShutdownConfig::default(),
+            cluster: ClusterConfig::default(),
         }
+    }
+}
+
+/// How an edge joins a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Registry members (`host:port`). Empty: this edge runs alone.
+    pub registry: Vec<String>,
+    /// The cluster secret every internal call carries (required with `registry`).
+    pub secret: String,
+    /// This edge's id in the cluster; empty means `edge-<advertise-host>-<peer-port>`.
+    pub edge_id: String,
+    /// Port of the edge-to-edge peer listener, on `server-host`.
+    pub peer_port: u16,
+    /// The host other edges use to reach this one; empty means `server-host`.
+    pub advertise_host: String,
+    /// The edge's lease TTL at the registry; it renews every third of it.
+    pub lease_ttl_ms: u64,
+    /// How long interest changes may wait to be batched before they are sent to the registry.
+    pub interest_flush_ms: u64,
+    /// Forwards queued per peer edge before further ones are dropped (and counted).
+    pub peer_queue: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            registry: vec![],
+            secret: String::new(),
+            edge_id: String::new(),
+            peer_port: 7072,
+            advertise_host: String::new(),
+            lease_ttl_ms: 3_000,
+            interest_flush_ms: 5,
+            peer_queue: 10_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this edge is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.registry.is_empty()
     }
 }
 
@@ -320,6 +367,30 @@ impl Config {
                 return invalid(format!("auth.static-rooms[{i}]: {e}"));
             }
         }
+        if self.cluster.enabled() {
+            if self.cluster.secret.len() < 16 {
+                return invalid(
+                    "cluster.secret must be set (at least 16 characters) when cluster.registry is"
+                        .into(),
+                );
+            }
+            for (i, addr) in self.cluster.registry.iter().enumerate() {
+                if addr
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                {
+                    return invalid(format!(
+                        "cluster.registry[{i}] must be host:port, not {addr:?}"
+                    ));
+                }
+            }
+            if self.cluster.lease_ttl_ms < 300 {
+                return invalid("cluster.lease-ttl-ms must be at least 300".into());
+            }
+            if self.cluster.peer_queue == 0 {
+                return invalid("cluster.peer-queue must be greater than 0".into());
+            }
+        }
         if self.auth.api_keys.iter().any(String::is_empty) {
             return invalid("auth.api-keys must not contain an empty key".into());
         }
@@ -391,6 +462,14 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("auth.jwt.rs256-public-key", "PEM public key verifying RS256 tokens."),
     ("auth.method", "`bootstrap`, `jwt` or `static`; inferred from what is configured when empty. Outside dev mode one is required."),
     ("auth.static-rooms", "Rooms every connection may subscribe to under the `static` method."),
+    ("cluster.advertise-host", "The host other edges use to reach this edge's peer listener; empty means `server-host`."),
+    ("cluster.edge-id", "This edge's id in the cluster; empty means `edge-<advertise-host>-<peer-port>`."),
+    ("cluster.interest-flush-ms", "How long room interest changes may wait to be batched into one registry update."),
+    ("cluster.lease-ttl-ms", "The edge's lease at the registry; when it lapses the cluster forgets the edge and its interest."),
+    ("cluster.peer-port", "Port of the internal edge-to-edge listener (forwarded publishes)."),
+    ("cluster.peer-queue", "Publishes queued per peer edge before further ones to it are dropped and counted."),
+    ("cluster.registry", "Registry members (`host:port`) to register with; empty runs this edge alone."),
+    ("cluster.secret", "Shared secret every internal call carries (required with `cluster.registry`, 16+ characters)."),
     ("dev", "Development mode (`herald dev` sets it): no auth configured means every room is allowed and the publish APIs are open, with a loud warning."),
     ("grpc-port", "Port of the gRPC publish API (`herald.v1.Publisher`)."),
     ("limits.allowed-origins", "Allowed `Origin` values for WebSocket upgrades (`https://*.example.com` allows subdomains); empty allows any. Others get 403."),
@@ -628,6 +707,46 @@ mod tests {
             DESCRIPTIONS.len(),
             "a description names no setting"
         );
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let o = |pairs: &[(&str, &str)]| -> Overrides {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let err = Config::load(
+            None,
+            &BTreeMap::new(),
+            &o(&[("dev", "true"), ("cluster.registry", "127.0.0.1:7081")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cluster.secret"), "{err}");
+        let err = Config::load(
+            None,
+            &BTreeMap::new(),
+            &o(&[
+                ("dev", "true"),
+                ("cluster.registry", "nonsense"),
+                ("cluster.secret", "0123456789abcdef"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cluster.registry[0]"), "{err}");
+        let c = Config::load(
+            None,
+            &BTreeMap::new(),
+            &o(&[
+                ("dev", "true"),
+                ("cluster.registry", "127.0.0.1:7081,127.0.0.1:7082"),
+                ("cluster.secret", "0123456789abcdef"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.cluster.enabled());
+        assert_eq!(c.cluster.registry.len(), 2);
     }
 
     #[test]
