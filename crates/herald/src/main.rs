@@ -2,6 +2,7 @@
 //!
 //! - `herald dev`: everything in one process with nothing external, for trying herald out.
 //! - `herald edge`: a production edge; refuses to start without an auth method.
+//! - `herald registry`: a member of the raft group that replicates edges, interest and routes.
 //! - `herald config`: prints every setting with its environment variable and default.
 //!
 //! Configuration is resolved by `herald_edge::config` (flags > `HERALD_*` env > `-c herald.yaml` > defaults).
@@ -41,8 +42,74 @@ enum Command {
     Dev(ServeArgs),
     /// Run an edge node: WebSockets and the publish APIs. Requires an auth method.
     Edge(ServeArgs),
+    /// Run a registry member: one of the raft group (3 or 5 in production) that replicates edges, interest
+    /// and routes.
+    Registry(RegistryArgs),
     /// Print every setting: key, environment variable, default.
     Config,
+}
+
+#[derive(Debug, Args)]
+struct RegistryArgs {
+    /// This member's raft id (unique, stable across restarts).
+    #[arg(long, env = "HERALD_REGISTRY_NODE_ID")]
+    node_id: u64,
+    /// Address to listen on for raft and registry calls.
+    #[arg(long, env = "HERALD_REGISTRY_LISTEN", default_value = "127.0.0.1:7081")]
+    listen: String,
+    /// Address other members and edges use to reach this one; defaults to the listen address.
+    #[arg(long, env = "HERALD_REGISTRY_ADVERTISE")]
+    advertise: Option<String>,
+    /// The static bootstrap list, `id=host:port,...`, including this member. The member with the smallest id
+    /// initializes the group on first start.
+    #[arg(long, env = "HERALD_REGISTRY_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Where the raft log, vote and snapshots are kept.
+    #[arg(long, env = "HERALD_REGISTRY_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The cluster secret (16+ characters) every internal call carries.
+    #[arg(long, env = "HERALD_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: String,
+    /// Log filter.
+    #[arg(long, env = "HERALD_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+impl RegistryArgs {
+    fn config(&self) -> Result<herald_registry::node::RegistryConfig, String> {
+        use herald_registry::grpc::ClusterSecret;
+        if self.cluster_secret.len() < 16 {
+            return Err("--cluster-secret must be at least 16 characters".into());
+        }
+        let secret = ClusterSecret::new(&self.cluster_secret)
+            .map_err(|e| format!("--cluster-secret: {e}"))?;
+        let mut peers = BTreeMap::new();
+        for entry in &self.peers {
+            let (id, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("--peers entries are id=host:port, got {entry:?}"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("--peers: {id:?} is not a node id"))?;
+            peers.insert(id, addr.trim().to_owned());
+        }
+        let advertise = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.clone());
+        let config = herald_registry::node::RegistryConfig::new(
+            self.node_id,
+            advertise,
+            self.data_dir.clone(),
+            secret,
+        );
+        Ok(if peers.is_empty() {
+            config
+        } else {
+            config.with_peers(peers)
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -93,9 +160,13 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Registry(args) = &cli.command {
+        return registry(args);
+    }
     let (args, dev) = match &cli.command {
         Command::Dev(args) => (args, true),
         Command::Edge(args) => (args, false),
+        Command::Registry(_) => unreachable!("handled above"),
         Command::Config => {
             println!("| key | environment variable | default | what it does |\n|---|---|---|---|");
             for s in Config::reference() {
@@ -130,13 +201,53 @@ fn main() -> ExitCode {
     runtime.block_on(serve(config))
 }
 
+fn registry(args: &RegistryArgs) -> ExitCode {
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(&args.log_level, "text");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let listener = match TcpListener::bind(&args.listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("herald: cannot bind {}: {e}", args.listen);
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        let addr = listener.local_addr().expect("bound");
+        println!(
+            "herald registry listening: node={} addr={addr}",
+            config.node_id
+        );
+        match herald_registry::node::run(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herald: registry failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 fn init_tracing(config: &Config) {
+    init_logging(&config.log_level, &config.log_format);
+}
+
+fn init_logging(level: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if config.log_format == "json" {
+    if format == "json" {
         builder.json().init();
     } else {
         builder.init();

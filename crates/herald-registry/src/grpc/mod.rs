@@ -1,11 +1,13 @@
-//! The registry's internal gRPC services: the receiving side of raft ([`RaftService`]) behind the cluster
-//! secret ([`secret`]).
+//! The registry's internal gRPC services: the receiving side of raft ([`RaftService`]) and what edges and
+//! `herald ctl` ask of the registry ([`RegistryService`]), both behind the cluster secret ([`secret`]).
 //!
 //! These services are for registry members only. Serve them on the internal listener, never next to the public
 //! API, and always through [`raft_server`] (or another [`SecretCheck`]-wrapped service), which also caps message
 //! sizes below the public API's.
 
+pub mod convert;
 pub mod raft_service;
+pub mod registry_service;
 pub mod secret;
 pub(crate) mod wire;
 
@@ -15,6 +17,8 @@ use tonic::service::interceptor::InterceptedService;
 use herald_proto::v1::raft_internal_server::RaftInternalServer;
 
 pub use raft_service::RaftService;
+pub(crate) use registry_service::{registry_server, validate_host_port};
+pub use registry_service::{RegistryServer, RegistryService, LEADER_HEADER};
 pub use secret::{ClusterSecret, InvalidSecret, SecretCheck, CLUSTER_SECRET_HEADER};
 
 use crate::types::TypeConfig;
