@@ -57,7 +57,7 @@ impl PublisherService {
     fn apply(&self, request: PublishRequest) -> Result<PublishOutcome, Status> {
         let (targets, data) = convert(request, self.state.config.limits.max_rooms_per_publish)
             .map_err(|e| self.refuse(e))?;
-        let outcome = self.state.hub.publish(&targets, data);
+        let outcome = self.state.publish(&targets, data);
         self.state.metrics.publishes.inc("grpc");
         Ok(outcome)
     }

@@ -153,7 +153,7 @@ async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
     .await;
     match result {
         Ok((targets, data)) => {
-            state.hub.publish(&targets, data);
+            state.publish(&targets, data);
             state.metrics.publishes.inc("trigger");
             text(StatusCode::OK, "publish success")
         }
@@ -218,7 +218,7 @@ async fn publish(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
     .await;
     match result {
         Ok((targets, data)) => {
-            let outcome = state.hub.publish(&targets, data);
+            let outcome = state.publish(&targets, data);
             state.metrics.publishes.inc("http");
             json_response(
                 StatusCode::OK,

@@ -5,6 +5,7 @@
 //! - `http`: the HTTP routes (demo page, `/ws/`, `/trigger/`, `/api/v1/publish`, health, metrics).
 //! - `ws`: the upgrade checks and each connection's reader.
 //! - [`peer_queue`]: the bounded queue in front of each peer edge.
+//! - [`peer`]: forwarding publishes edge to edge: the [`peer::Cluster`] handle, its links, the peer service.
 //! - [`outbound`]: each connection's bounded send queue and its writer.
 //! - [`hub`]: connections, subscriptions and the publish fan-out.
 //! - [`cluster_view`]: the local read replica of the registry that the publish path consults.
@@ -24,10 +25,12 @@ pub mod hub;
 pub mod interest;
 pub mod metrics;
 pub mod outbound;
+pub mod peer;
 pub mod peer_queue;
 pub mod publish;
 pub mod server;
 mod ws;
 
 pub use config::Config;
-pub use server::{run, DrainReport, Listeners};
+pub use peer::{Cluster, ClusterNode};
+pub use server::{run, run_with_cluster, DrainReport, Listeners};

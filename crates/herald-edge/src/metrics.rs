@@ -65,12 +65,17 @@ impl LabeledCounter {
     /// Adds one to the series with this label value. Unknown values are a programming error and count under the
     /// last value (by convention `other`), so a typo can never panic the hot path.
     pub fn inc(&self, value: &str) {
+        self.add(value, 1);
+    }
+
+    /// Adds `n` to the series with this label value (unknown values count as the last, as in [`Self::inc`]).
+    pub fn add(&self, value: &str, n: u64) {
         let i = self
             .values
             .iter()
             .position(|v| *v == value)
             .unwrap_or(self.values.len() - 1);
-        self.counts[i].fetch_add(1, Relaxed);
+        self.counts[i].fetch_add(n, Relaxed);
     }
 
     /// The count for one label value.
@@ -148,6 +153,19 @@ pub struct Metrics {
     pub publish_to_delivery: Histogram,
     /// Time a bootstrap call took.
     pub bootstrap_duration: Histogram,
+    /// Publishes forwarded to peer edges and acknowledged by them (one per peer).
+    pub peer_forwards: Counter,
+    /// Forwards to peer edges that were lost, by reason: the peer's queue was full, the stream broke with them
+    /// sent but unacknowledged, or anything else (too large to send, the peer left the cluster).
+    pub peer_forward_drops: LabeledCounter,
+    /// Peer edges this edge holds a forwarding link to.
+    pub peer_links: Gauge,
+    /// Forwards waiting in all peer queues together.
+    pub peer_queue_depth: Gauge,
+    /// Publishes received from peer edges and delivered locally.
+    pub peer_forwards_received: Counter,
+    /// Publishes received from peer edges with a room this edge cannot parse (delivered to their other targets).
+    pub peer_malformed_rooms: Counter,
 }
 
 impl Default for Metrics {
@@ -209,6 +227,15 @@ impl Default for Metrics {
             ),
             publish_to_delivery: Histogram::default(),
             bootstrap_duration: Histogram::default(),
+            peer_forwards: Counter::default(),
+            peer_forward_drops: LabeledCounter::new(
+                "reason",
+                &["queue_full", "stream_broken", "other"],
+            ),
+            peer_links: Gauge::default(),
+            peer_queue_depth: Gauge::default(),
+            peer_forwards_received: Counter::default(),
+            peer_malformed_rooms: Counter::default(),
         }
     }
 }
@@ -319,6 +346,42 @@ impl Metrics {
             "herald_bootstrap_duration_seconds",
             "Time a bootstrap call to the backend took.",
             &self.bootstrap_duration,
+        );
+        counter(
+            &mut out,
+            "herald_peer_forwards_total",
+            "Publishes forwarded to peer edges and acknowledged by them.",
+            &self.peer_forwards,
+        );
+        labeled(
+            &mut out,
+            "herald_peer_forward_drops_total",
+            "Forwards to peer edges lost, by reason.",
+            &self.peer_forward_drops,
+        );
+        gauge(
+            &mut out,
+            "herald_peer_links",
+            "Peer edges with a forwarding link.",
+            &self.peer_links,
+        );
+        gauge(
+            &mut out,
+            "herald_peer_queue_depth",
+            "Forwards waiting in the peer queues, all peers together.",
+            &self.peer_queue_depth,
+        );
+        counter(
+            &mut out,
+            "herald_peer_forwards_received_total",
+            "Publishes received from peer edges.",
+            &self.peer_forwards_received,
+        );
+        counter(
+            &mut out,
+            "herald_peer_malformed_rooms_total",
+            "Rooms in publishes from peer edges that this edge could not parse.",
+            &self.peer_malformed_rooms,
         );
         out
     }

@@ -19,6 +19,12 @@ use tokio::sync::Notify;
 pub struct Forward {
     /// Target rooms, canonical JSON text.
     pub rooms: Arc<[String]>,
+    /// Target users (their connections may be on any edge).
+    pub users: Arc<[String]>,
+    /// Target connection ids.
+    pub connections: Arc<[String]>,
+    /// Whether every connection is a target.
+    pub all: bool,
     /// The data as published.
     pub data: Bytes,
 }
@@ -104,6 +110,9 @@ mod tests {
     fn forward(n: u8) -> Forward {
         Forward {
             rooms: Arc::from(vec![format!("{{\"n\":{n}}}")]),
+            users: Arc::from([]),
+            connections: Arc::from([]),
+            all: false,
             data: Bytes::from(vec![n]),
         }
     }

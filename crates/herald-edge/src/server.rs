@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -32,8 +33,9 @@ use herald_proto::v1::publisher_server::PublisherServer;
 use crate::auth::{ApiKeys, AuthConfigError, Authorizer};
 use crate::config::Config;
 use crate::grpc::PublisherService;
-use crate::hub::Hub;
+use crate::hub::{Hub, PublishOutcome, Target};
 use crate::metrics::Metrics;
+use crate::peer::{Cluster, ClusterNode};
 
 /// How long open gRPC streams get to finish after the listeners stop.
 const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -54,11 +56,16 @@ pub struct State {
     pub(crate) going_away: CancellationToken,
     /// Upgraded WebSocket connections, which hyper's graceful shutdown does not track.
     pub(crate) ws_tasks: TaskTracker,
+    /// Set when this edge is a cluster member: publishes are also forwarded to the peer edges that want them.
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }
 
 impl State {
-    fn new(config: Config) -> Result<State, AuthConfigError> {
-        let metrics = Arc::new(Metrics::default());
+    fn new(config: Config, cluster: Option<Arc<Cluster>>) -> Result<State, AuthConfigError> {
+        // A cluster brings its metrics, which its peer links already count into.
+        let metrics = cluster
+            .as_ref()
+            .map_or_else(|| Arc::new(Metrics::default()), |c| c.metrics().clone());
         let authorizer = Authorizer::from_config(&config.auth, config.dev)?;
         let api_keys = ApiKeys::new(&config.auth.api_keys, config.dev);
         if matches!(authorizer, Authorizer::AllowAll) {
@@ -87,7 +94,18 @@ impl State {
             going_away: CancellationToken::new(),
             ws_tasks: TaskTracker::new(),
             config,
+            cluster,
         })
+    }
+
+    /// Delivers a publish locally, then (in a cluster) queues it for the peer edges that want it. What every
+    /// publish API calls; neither step waits on a subscriber or a peer.
+    pub(crate) fn publish(&self, targets: &[Target], data: Bytes) -> PublishOutcome {
+        let outcome = self.hub.publish(targets, data.clone());
+        if let Some(cluster) = &self.cluster {
+            cluster.forward(targets, &data);
+        }
+        outcome
     }
 
     /// Whether the node is draining.
@@ -114,16 +132,32 @@ pub struct DrainReport {
     pub cut_by_deadline: usize,
 }
 
-/// Serves an edge on `listeners` until `shutdown` resolves, then drains (see the module docs).
+/// Serves a single-node edge on `listeners` until `shutdown` resolves, then drains (see the module docs).
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<DrainReport, AuthConfigError> {
+    run_with_cluster(config, listeners, None, shutdown).await
+}
+
+/// [`run`], optionally as a cluster member: with `cluster`, the edge also serves `PeerInternal` on its peer
+/// listener and forwards publishes to the peer edges that want them. `None` is exactly [`run`].
+pub async fn run_with_cluster(
+    config: Config,
+    listeners: Listeners,
+    cluster: Option<ClusterNode>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<DrainReport, AuthConfigError> {
     let drain_delay = Duration::from_millis(config.shutdown.drain_delay_ms);
     let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
     let max_grpc_message = config.limits.max_publish_body_bytes;
-    let state = Arc::new(State::new(config)?);
+    let state = Arc::new(State::new(
+        config,
+        cluster.as_ref().map(|node| node.cluster.clone()),
+    )?);
+    // Peers keep delivering to this edge's sockets until the end of the drain, like the publish APIs.
+    let peer = cluster.map(|node| crate::peer::start(state.clone(), node));
 
     let stop_http = CancellationToken::new();
     let http = tokio::spawn(serve_http(state.clone(), listeners.http, stop_http.clone()));
@@ -177,6 +211,9 @@ pub async fn run(
             tracing::warn!("grpc streams still open after the grace period; closing them");
             grpc_abort.abort();
         }
+    }
+    if let Some(peer) = peer {
+        peer.stop().await;
     }
     tracing::info!(connections_at_start, cut_by_deadline, "drained");
     Ok(DrainReport {

@@ -222,12 +222,13 @@ fn registry(args: &RegistryArgs) -> ExitCode {
                 return ExitCode::from(EXIT_UNAVAILABLE);
             }
         };
+        let shutdown = shutdown_signal();
         let addr = listener.local_addr().expect("bound");
         println!(
             "herald registry listening: node={} addr={addr}",
             config.node_id
         );
-        match herald_registry::node::run(config, listener, shutdown_signal()).await {
+        match herald_registry::node::run(config, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("herald: registry failed: {e}");
@@ -271,6 +272,7 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    let shutdown = shutdown_signal();
     let http_addr = http.local_addr().expect("bound");
     let grpc_addr = grpc.local_addr().expect("bound");
     // One machine-readable line first (tests and scripts read it), then the human guide.
@@ -287,7 +289,7 @@ async fn serve(config: Config) -> ExitCode {
         );
     }
     let listeners = herald_edge::Listeners { http, grpc };
-    match herald_edge::run(config, listeners, shutdown_signal()).await {
+    match herald_edge::run(config, listeners, shutdown).await {
         Ok(report) => {
             if report.cut_by_deadline > 0 {
                 tracing::warn!(
@@ -304,14 +306,19 @@ async fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now and returns a future that resolves on the first of them.
+///
+/// The handlers must exist before the "listening" line is printed: a supervisor (or a test) that signals right
+/// after reading it would otherwise hit the default action and kill the process without a drain.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutdown requested");
+    async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+    }
 }
