@@ -12,6 +12,7 @@
 //! - [`interest`]: batching the hub's room interest transitions for the cluster registry.
 //! - [`auth`]: bootstrap, JWT and static authorization; API keys.
 //! - [`grpc`]: the `herald.v1.Publisher` service.
+//! - [`registry_link`]: registration, lease, interest updates and the watch, against the registry.
 //! - [`publish`]: what the publish APIs share.
 //! - [`config`]: `herald.yaml`, `HERALD_*` and flags.
 //! - [`metrics`]: Prometheus counters.
@@ -28,6 +29,7 @@ pub mod outbound;
 pub mod peer;
 pub mod peer_queue;
 pub mod publish;
+pub mod registry_link;
 pub mod server;
 mod ws;
 

@@ -34,8 +34,10 @@ use crate::auth::{ApiKeys, AuthConfigError, Authorizer};
 use crate::config::Config;
 use crate::grpc::PublisherService;
 use crate::hub::{Hub, PublishOutcome, Target};
+use crate::interest::InterestTracker;
 use crate::metrics::Metrics;
 use crate::peer::{Cluster, ClusterNode};
+use crate::registry_link::RegistryLink;
 
 /// How long open gRPC streams get to finish after the listeners stop.
 const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -46,7 +48,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct State {
     pub(crate) config: Config,
-    pub(crate) hub: Hub,
+    pub(crate) hub: Arc<Hub>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) authorizer: Authorizer,
     pub(crate) api_keys: ApiKeys,
@@ -61,7 +63,11 @@ pub struct State {
 }
 
 impl State {
-    fn new(config: Config, cluster: Option<Arc<Cluster>>) -> Result<State, AuthConfigError> {
+    fn new(
+        config: Config,
+        cluster: Option<Arc<Cluster>>,
+        interest: Option<Arc<InterestTracker>>,
+    ) -> Result<State, AuthConfigError> {
         // A cluster brings its metrics, which its peer links already count into.
         let metrics = cluster
             .as_ref()
@@ -81,11 +87,15 @@ impl State {
         } else if config.auth.api_keys.is_empty() {
             tracing::warn!("no auth.api-keys configured: the publish APIs refuse every request");
         }
+        let mut hub = Hub::new(
+            metrics.clone(),
+            config.limits.max_subscriptions_per_connection,
+        );
+        if let Some(tracker) = interest {
+            hub = hub.with_interest_tracker(tracker);
+        }
         Ok(State {
-            hub: Hub::new(
-                metrics.clone(),
-                config.limits.max_subscriptions_per_connection,
-            ),
+            hub: Arc::new(hub),
             metrics,
             authorizer,
             api_keys,
@@ -152,10 +162,26 @@ pub async fn run_with_cluster(
     let drain_delay = Duration::from_millis(config.shutdown.drain_delay_ms);
     let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
     let max_grpc_message = config.limits.max_publish_body_bytes;
+    let mut cluster = cluster;
+    let registry = cluster.as_mut().and_then(|node| node.registry.take());
+    let tracker = registry.as_ref().map(|_| Arc::new(InterestTracker::new()));
     let state = Arc::new(State::new(
         config,
         cluster.as_ref().map(|node| node.cluster.clone()),
+        tracker.clone(),
     )?);
+    // Registration, keep-alives, interest updates and the watch that feeds the cluster view.
+    let leave_registry = CancellationToken::new();
+    if let (Some(attachment), Some(tracker), Some(node)) = (registry, tracker, cluster.as_ref()) {
+        let link = RegistryLink {
+            client: attachment.client,
+            identity: attachment.identity,
+            hub: state.hub.clone(),
+            tracker,
+            cluster: node.cluster.clone(),
+        };
+        tokio::spawn(link.run(leave_registry.clone()));
+    }
     // Peers keep delivering to this edge's sockets until the end of the drain, like the publish APIs.
     let peer = cluster.map(|node| crate::peer::start(state.clone(), node));
 
@@ -197,6 +223,8 @@ pub async fn run_with_cluster(
         }
     };
 
+    // The lease lapses on its own; stopping the link just stops renewing it.
+    leave_registry.cancel();
     stop_http.cancel();
     stop_grpc.cancel();
     let _ = http.await;

@@ -93,6 +93,8 @@ async fn start_edge(id: &str, overrides: &[(&str, &str)], links: PeerLinkConfig)
         Some(ClusterNode {
             cluster: cluster.clone(),
             peer,
+            // The views are fed by hand here; no registry.
+            registry: None,
         }),
         async move {
             let _ = rx.await;

@@ -272,11 +272,26 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    let cluster = if config.cluster.enabled() {
+        match join_cluster(&config).await {
+            Ok(node) => Some(node),
+            Err(code) => return code,
+        }
+    } else {
+        None
+    };
     let shutdown = shutdown_signal();
     let http_addr = http.local_addr().expect("bound");
     let grpc_addr = grpc.local_addr().expect("bound");
     // One machine-readable line first (tests and scripts read it), then the human guide.
-    println!("herald listening: http={http_addr} grpc={grpc_addr}");
+    match &cluster {
+        Some(node) => println!(
+            "herald listening: http={http_addr} grpc={grpc_addr} peer={} edge={}",
+            node.peer.local_addr().expect("bound"),
+            node.cluster.edge_id()
+        ),
+        None => println!("herald listening: http={http_addr} grpc={grpc_addr}"),
+    }
     if config.dev {
         println!(
             "\n  herald dev is running.\n\n  \
@@ -289,7 +304,7 @@ async fn serve(config: Config) -> ExitCode {
         );
     }
     let listeners = herald_edge::Listeners { http, grpc };
-    match herald_edge::run(config, listeners, shutdown).await {
+    match herald_edge::run_with_cluster(config, listeners, cluster, shutdown).await {
         Ok(report) => {
             if report.cut_by_deadline > 0 {
                 tracing::warn!(
@@ -304,6 +319,63 @@ async fn serve(config: Config) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// Binds the peer listener and builds this edge's cluster membership from `cluster.*`.
+async fn join_cluster(config: &Config) -> Result<herald_edge::ClusterNode, ExitCode> {
+    use herald_edge::registry_link::{EdgeIdentity, RegistryAttachment};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let settings = &config.cluster;
+    let peer_addr = format!("{}:{}", config.server_host, settings.peer_port);
+    let peer = TcpListener::bind(&peer_addr).await.map_err(|e| {
+        eprintln!("herald: cannot bind {peer_addr}: {e}");
+        ExitCode::from(EXIT_UNAVAILABLE)
+    })?;
+    let port = peer.local_addr().expect("bound").port();
+    let advertise = if settings.advertise_host.is_empty() {
+        config.server_host.clone()
+    } else {
+        settings.advertise_host.clone()
+    };
+    let edge_id = if settings.edge_id.is_empty() {
+        format!("edge-{advertise}-{port}")
+    } else {
+        settings.edge_id.clone()
+    };
+    let config_error = |e: String| {
+        eprintln!("herald: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let secret = herald_registry::grpc::ClusterSecret::new(&settings.secret)
+        .map_err(|e| config_error(format!("cluster.secret: {e}")))?;
+    let client = herald_registry::client::RegistryClient::new(settings.registry.clone(), secret)
+        .map_err(|e| config_error(format!("cluster.registry: {e}")))?;
+    let metrics = Arc::new(herald_edge::metrics::Metrics::default());
+    let view = Arc::new(parking_lot::RwLock::new(
+        herald_edge::cluster_view::ClusterView::new(),
+    ));
+    let links = herald_edge::peer::PeerLinkConfig {
+        queue_capacity: settings.peer_queue,
+        ..Default::default()
+    };
+    let cluster =
+        herald_edge::Cluster::new(edge_id.clone(), &settings.secret, view, links, metrics)
+            .map_err(|e| config_error(format!("cluster.secret: {e}")))?;
+    Ok(herald_edge::ClusterNode {
+        cluster: Arc::new(cluster),
+        peer,
+        registry: Some(RegistryAttachment {
+            client,
+            identity: EdgeIdentity {
+                edge_id,
+                peer_addr: format!("{advertise}:{port}"),
+                lease_ttl: Duration::from_millis(settings.lease_ttl_ms),
+                interest_flush: Duration::from_millis(settings.interest_flush_ms),
+            },
+        }),
+    })
 }
 
 /// Installs the SIGTERM and SIGINT handlers now and returns a future that resolves on the first of them.

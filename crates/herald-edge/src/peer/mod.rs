@@ -177,6 +177,8 @@ pub struct ClusterNode {
     pub cluster: Arc<Cluster>,
     /// Where this edge serves `PeerInternal` to the other edges (the address it registers as its peer address).
     pub peer: TcpListener,
+    /// The registry to register with and watch. `None` leaves the view to the caller (tests feed it by hand).
+    pub registry: Option<crate::registry_link::RegistryAttachment>,
 }
 
 /// The running peer side of an edge: the `PeerInternal` server and the link maintenance.
@@ -192,6 +194,7 @@ pub(crate) fn start(state: Arc<State>, node: ClusterNode) -> PeerTasks {
     let ClusterNode {
         cluster,
         peer: listener,
+        registry: _,
     } = node;
     let stop = CancellationToken::new();
     let service = service::peer_server(state, cluster.secret.clone(), cluster.max_message_bytes);

@@ -1,0 +1,265 @@
+//! The cluster from the outside: real `herald registry` and `herald dev` processes on loopback, data in temp
+//! dirs, real WebSocket clients. A publish on one edge reaches subscribers on every edge exactly once.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::*;
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+const SECRET: &str = "cluster-test-secret-0123456789";
+
+/// A child process killed by its own PID when the test ends.
+struct Proc {
+    child: Child,
+    first_line: String,
+}
+
+impl Proc {
+    fn spawn(args: &[String]) -> Proc {
+        let mut child = Command::new(HERALD)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start herald");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first_line = String::new();
+        stdout.read_line(&mut first_line).unwrap();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stdout.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        Proc { child, first_line }
+    }
+
+    fn field(&self, name: &str) -> String {
+        self.first_line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}= in {:?}", self.first_line))
+            .to_owned()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    _registries: Vec<Proc>,
+    edges: Vec<Proc>,
+    _data: Vec<tempfile_dir::Dir>,
+}
+
+/// A small temp-dir guard (the tests crate has no tempfile dependency).
+mod tempfile_dir {
+    pub(super) struct Dir(pub(super) std::path::PathBuf);
+    impl Dir {
+        pub(super) fn new(tag: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!(
+                "herald-cluster-{}-{tag}-{:?}",
+                std::process::id(),
+                std::time::SystemTime::now()
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn start_cluster(registries: usize, edges: usize) -> Cluster {
+    let ports: Vec<u16> = (0..registries).map(|_| free_port()).collect();
+    let peers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let mut data = Vec::new();
+    let mut registry_procs = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let dir = tempfile_dir::Dir::new(&format!("r{}", i + 1));
+        registry_procs.push(Proc::spawn(&[
+            "registry".into(),
+            "--node-id".into(),
+            (i + 1).to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--peers".into(),
+            peers.join(","),
+            "--data-dir".into(),
+            dir.0.display().to_string(),
+            "--cluster-secret".into(),
+            SECRET.into(),
+        ]));
+        data.push(dir);
+    }
+    let registry_addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let edge_procs = (0..edges)
+        .map(|i| {
+            Proc::spawn(&[
+                "dev".into(),
+                "--port".into(),
+                "0".into(),
+                "--grpc-port".into(),
+                "0".into(),
+                "--set".into(),
+                format!("cluster.registry={}", registry_addrs.join(",")),
+                "--set".into(),
+                format!("cluster.secret={SECRET}"),
+                "--set".into(),
+                "cluster.peer-port=0".into(),
+                "--set".into(),
+                format!("cluster.edge-id=edge-{i}"),
+                "--set".into(),
+                format!("auth.api-keys={API_KEY}"),
+            ])
+        })
+        .collect();
+    Cluster {
+        _registries: registry_procs,
+        edges: edge_procs,
+        _data: data,
+    }
+}
+
+async fn client(edge: &Proc) -> WsClient {
+    let mut client = WsClient::connect(&format!("ws://{}/ws/", edge.field("http")), &[]).await;
+    assert_eq!(client.recv_json().await["is_authorized"], true);
+    client
+}
+
+async fn publish(edge: &Proc, body: Value) -> Value {
+    let (status, text) = http_request(
+        "POST",
+        &format!("http://{}/api/v1/publish", edge.field("http")),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {API_KEY}")),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Publishes probes on `from` until every client has seen one, so the registry's interest has reached
+/// `from`'s replica; then drains the probes.
+async fn wait_for_interest(from: &Proc, room: Value, clients: &mut [&mut WsClient]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = vec![false; clients.len()];
+    while seen.iter().any(|s| !s) {
+        assert!(
+            Instant::now() < deadline,
+            "interest never propagated: {seen:?}"
+        );
+        publish(from, json!({"rooms": [room], "data": "probe"})).await;
+        for (i, c) in clients.iter_mut().enumerate() {
+            while let Ok(Some(Ok(msg))) = tokio::time::timeout(
+                Duration::from_millis(100),
+                futures_util::StreamExt::next(&mut c.ws),
+            )
+            .await
+            {
+                if msg.to_text().unwrap_or("").contains("probe") {
+                    seen[i] = true;
+                }
+            }
+        }
+    }
+    // Let in-flight probes land, then discard them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for c in clients.iter_mut() {
+        while let Ok(Some(_)) = tokio::time::timeout(
+            Duration::from_millis(50),
+            futures_util::StreamExt::next(&mut c.ws),
+        )
+        .await
+        {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_edge_reaches_every_edge_exactly_once() {
+    let cluster = start_cluster(3, 3);
+    let mut on_a = client(&cluster.edges[0]).await;
+    let mut on_b = client(&cluster.edges[1]).await;
+    let mut on_c = client(&cluster.edges[2]).await;
+    on_a.subscribe(json!("a"), json!({"chat": "room-1"})).await;
+    on_b.subscribe(json!("b"), json!({"chat": "room-1"})).await;
+    // A wildcard subscription on C matches publishes to any chat room, across nodes.
+    on_c.subscribe(json!("c"), json!({"chat": "*"})).await;
+
+    wait_for_interest(
+        &cluster.edges[0],
+        json!({"chat": "room-1"}),
+        &mut [&mut on_b, &mut on_c],
+    )
+    .await;
+    // A's own subscriber saw the probes too; drain them.
+    while let Ok(Some(_)) = tokio::time::timeout(
+        Duration::from_millis(50),
+        futures_util::StreamExt::next(&mut on_a.ws),
+    )
+    .await
+    {}
+
+    for i in 0..20 {
+        publish(
+            &cluster.edges[0],
+            json!({"rooms": [{"chat": "room-1"}], "data": {"n": i}}),
+        )
+        .await;
+    }
+    for (client, rid) in [(&mut on_a, "a"), (&mut on_b, "b"), (&mut on_c, "c")] {
+        for i in 0..20 {
+            let frame = client.recv_json().await;
+            assert_eq!(
+                frame,
+                json!({"type": "publish", "data": {"n": i}, "requestId": rid})
+            );
+        }
+        client.expect_silence(Duration::from_millis(300)).await;
+    }
+
+    // A publish to another chat room on B reaches only C's wildcard subscriber.
+    wait_for_interest(
+        &cluster.edges[1],
+        json!({"chat": "room-2"}),
+        &mut [&mut on_c],
+    )
+    .await;
+    publish(
+        &cluster.edges[1],
+        json!({"rooms": [{"chat": "room-2"}], "data": "only-c"}),
+    )
+    .await;
+    assert_eq!(on_c.recv_json().await["data"], "only-c");
+    on_a.expect_silence(Duration::from_millis(200)).await;
+    on_b.expect_silence(Duration::from_millis(200)).await;
+}
