@@ -66,9 +66,40 @@ fn free_port() -> u16 {
 }
 
 struct Cluster {
-    _registries: Vec<Proc>,
+    registries: Vec<Option<Proc>>,
+    registry_args: Vec<Vec<String>>,
+    registry_addrs: Vec<String>,
     edges: Vec<Proc>,
     _data: Vec<tempfile_dir::Dir>,
+}
+
+impl Cluster {
+    /// SIGKILLs registry member `i` (0-based).
+    fn kill_registry(&mut self, i: usize) {
+        self.registries[i] = None;
+    }
+
+    /// Starts registry member `i` again from its data directory.
+    fn restart_registry(&mut self, i: usize) {
+        self.registries[i] = Some(Proc::spawn(&self.registry_args[i]));
+    }
+
+    fn client(&self) -> herald_registry::client::RegistryClient {
+        herald_registry::client::RegistryClient::new(
+            self.registry_addrs.clone(),
+            herald_registry::grpc::ClusterSecret::new(SECRET).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// The registry's view: (leader node id, registered edge ids).
+    async fn status(&self) -> Option<(u64, Vec<String>)> {
+        let status = self.client().status().await.ok()?;
+        Some((
+            status.leader_id?,
+            status.edges.into_iter().map(|e| e.edge).collect(),
+        ))
+    }
 }
 
 /// A small temp-dir guard (the tests crate has no tempfile dependency).
@@ -101,9 +132,10 @@ fn start_cluster(registries: usize, edges: usize) -> Cluster {
         .collect();
     let mut data = Vec::new();
     let mut registry_procs = Vec::new();
+    let mut registry_args = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let dir = tempfile_dir::Dir::new(&format!("r{}", i + 1));
-        registry_procs.push(Proc::spawn(&[
+        let args: Vec<String> = vec![
             "registry".into(),
             "--node-id".into(),
             (i + 1).to_string(),
@@ -115,7 +147,9 @@ fn start_cluster(registries: usize, edges: usize) -> Cluster {
             dir.0.display().to_string(),
             "--cluster-secret".into(),
             SECRET.into(),
-        ]));
+        ];
+        registry_procs.push(Some(Proc::spawn(&args)));
+        registry_args.push(args);
         data.push(dir);
     }
     let registry_addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -141,7 +175,9 @@ fn start_cluster(registries: usize, edges: usize) -> Cluster {
         })
         .collect();
     Cluster {
-        _registries: registry_procs,
+        registries: registry_procs,
+        registry_args,
+        registry_addrs,
         edges: edge_procs,
         _data: data,
     }
@@ -262,4 +298,199 @@ async fn a_publish_on_one_edge_reaches_every_edge_exactly_once() {
     assert_eq!(on_c.recv_json().await["data"], "only-c");
     on_a.expect_silence(Duration::from_millis(200)).await;
     on_b.expect_silence(Duration::from_millis(200)).await;
+}
+
+/// Drains everything a client has received within `quiet` of silence, returning the `data` of each publish.
+async fn drain(client: &mut WsClient, quiet: Duration) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(msg))) =
+        tokio::time::timeout(quiet, futures_util::StreamExt::next(&mut client.ws)).await
+    {
+        if let Ok(frame) = serde_json::from_str::<Value>(msg.to_text().unwrap_or("")) {
+            if frame["type"] == "publish" {
+                out.push(frame["data"].clone());
+            }
+        }
+    }
+    out
+}
+
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_registry_leader_loses_no_delivery() {
+    let mut cluster = start_cluster(3, 3);
+    let mut subscribers = Vec::new();
+    for (i, edge) in cluster.edges.iter().enumerate() {
+        let mut c = client(edge).await;
+        c.subscribe(json!(i), json!({"feed": "steady"})).await;
+        subscribers.push(c);
+    }
+    {
+        let mut refs: Vec<&mut WsClient> = subscribers.iter_mut().skip(1).collect();
+        wait_for_interest(&cluster.edges[0], json!({"feed": "steady"}), &mut refs).await;
+    }
+    drain(&mut subscribers[0], Duration::from_millis(100)).await;
+
+    let leader = cluster.status().await.expect("a leader").0;
+    // A steady publish load on edge A while the leader dies.
+    let publisher_edge = cluster.edges[0].field("http");
+    let load = tokio::spawn(async move {
+        for seq in 0..300u64 {
+            let (status, _) = http_request(
+                "POST",
+                &format!("http://{publisher_edge}/api/v1/publish"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &format!("Bearer {API_KEY}")),
+                ],
+                json!({"rooms": [{"feed": "steady"}], "data": seq}).to_string(),
+            )
+            .await;
+            assert_eq!(status, 200);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill_registry(leader as usize - 1);
+    let killed_at = Instant::now();
+
+    // A new subscription on C, made after the kill, is visible cluster-wide within 2 s.
+    let mut late = client(&cluster.edges[2]).await;
+    late.subscribe(json!("late"), json!({"feed": "late"})).await;
+    let origin = &cluster.edges[0];
+    let mut reached = false;
+    while killed_at.elapsed() < Duration::from_secs(2) {
+        publish(
+            origin,
+            json!({"rooms": [{"feed": "late"}], "data": "hello-late"}),
+        )
+        .await;
+        if let Ok(Ok(text)) =
+            tokio::time::timeout(Duration::from_millis(100), late.next_text()).await
+        {
+            if text.contains("hello-late") {
+                reached = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        reached,
+        "a subscription made after the leader died was not visible cluster-wide within 2 s"
+    );
+    eprintln!(
+        "new subscription visible {:?} after the leader was killed",
+        killed_at.elapsed()
+    );
+
+    load.await.unwrap();
+    for (i, subscriber) in subscribers.iter_mut().enumerate() {
+        let got = drain(subscriber, Duration::from_millis(500)).await;
+        let expected: Vec<Value> = (0..300u64).map(|n| json!(n)).collect();
+        assert_eq!(
+            got, expected,
+            "subscriber on edge {i} lost, duplicated or reordered deliveries"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_keep_working_while_the_registry_is_down_and_catch_up_after() {
+    let mut cluster = start_cluster(3, 2);
+    let mut on_b = client(&cluster.edges[1]).await;
+    on_b.subscribe(json!("before"), json!({"news": "before"}))
+        .await;
+    wait_for_interest(
+        &cluster.edges[0],
+        json!({"news": "before"}),
+        &mut [&mut on_b],
+    )
+    .await;
+
+    for i in 0..3 {
+        cluster.kill_registry(i);
+    }
+    // Publishing keeps working with the cached replica, and local subscriptions keep working.
+    publish(
+        &cluster.edges[0],
+        json!({"rooms": [{"news": "before"}], "data": "during"}),
+    )
+    .await;
+    assert_eq!(on_b.recv_json().await["data"], "during");
+    on_b.subscribe(json!("outage"), json!({"news": "outage"}))
+        .await;
+    publish(
+        &cluster.edges[1],
+        json!({"rooms": [{"news": "outage"}], "data": "local"}),
+    )
+    .await;
+    assert_eq!(on_b.recv_json().await["data"], "local");
+
+    // The interest change queued during the outage reaches the registry when it returns.
+    for i in 0..3 {
+        cluster.restart_registry(i);
+    }
+    wait_for_interest(
+        &cluster.edges[0],
+        json!({"news": "outage"}),
+        &mut [&mut on_b],
+    )
+    .await;
+    publish(
+        &cluster.edges[0],
+        json!({"rooms": [{"news": "outage"}], "data": "after"}),
+    )
+    .await;
+    assert_eq!(on_b.recv_json().await["data"], "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_edge_disappears_within_its_lease() {
+    let mut cluster = start_cluster(3, 2);
+    let mut on_b = client(&cluster.edges[1]).await;
+    on_b.subscribe(json!("x"), json!({"t": 1})).await;
+    wait_for_interest(&cluster.edges[0], json!({"t": 1}), &mut [&mut on_b]).await;
+    wait_until("both edges registered", Duration::from_secs(10), || async {
+        cluster
+            .status()
+            .await
+            .is_some_and(|(_, edges)| edges.len() == 2)
+    })
+    .await;
+
+    drop(on_b);
+    let victim = cluster.edges.remove(1);
+    drop(victim); // SIGKILL
+    let killed_at = Instant::now();
+    wait_until(
+        "the dead edge's removal",
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .status()
+                .await
+                .is_some_and(|(_, edges)| edges == vec!["edge-0".to_string()])
+        },
+    )
+    .await;
+    // Default lease TTL 3 s, swept every 0.5 s; the rest is slack for a loaded machine.
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        killed_at.elapsed()
+    );
 }
