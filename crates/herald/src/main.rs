@@ -4,9 +4,12 @@
 //! - `herald edge`: a production edge; refuses to start without an auth method.
 //! - `herald registry`: a member of the raft group that replicates edges, interest and routes.
 //! - `herald config`: prints every setting with its environment variable and default.
+//! - `herald ctl`: operates a running cluster through its registry members (see [`ctl`]).
 //!
 //! Configuration is resolved by `herald_edge::config` (flags > `HERALD_*` env > `-c herald.yaml` > defaults).
-//! An invalid configuration prints what is wrong and exits 64 (EX_USAGE).
+//! An invalid configuration or command line prints what is wrong and exits 64 (EX_USAGE).
+
+mod ctl;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,6 +50,8 @@ enum Command {
     Registry(RegistryArgs),
     /// Print every setting: key, environment variable, default.
     Config,
+    /// Operate a running cluster: `herald ctl cluster status | add-learner | promote | remove`.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -159,14 +164,30 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 64 (EX_USAGE) like configuration errors, rather than clap's 2, so scripts driving
+    // `herald ctl` see one code for "you asked for something wrong"; help and version still exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let cli = match cli.command {
+        Command::Ctl(args) => return ctl::run(args),
+        command => Cli { command, ..cli },
+    };
     if let Command::Registry(args) = &cli.command {
         return registry(args);
     }
     let (args, dev) = match &cli.command {
         Command::Dev(args) => (args, true),
         Command::Edge(args) => (args, false),
-        Command::Registry(_) => unreachable!("handled above"),
+        Command::Registry(_) | Command::Ctl(_) => unreachable!("handled above"),
         Command::Config => {
             println!("| key | environment variable | default | what it does |\n|---|---|---|---|");
             for s in Config::reference() {

@@ -1,0 +1,534 @@
+//! `herald ctl`: operate a running cluster by talking to its registry members.
+//!
+//! - `herald ctl cluster status`: leader, term, revision, members with their replication lag, registered edges.
+//! - `herald ctl cluster add-learner --node-id N --addr host:port`: a new member starts receiving the log.
+//! - `herald ctl cluster promote --node-id N`: a caught-up learner becomes a voter.
+//! - `herald ctl cluster remove --node-id N`: a voter leaves the cluster.
+//!
+//! Membership changes are computed from the status the leader reports (the voter set is replaced as a whole, so
+//! it has to start from the current one), and checked before anything is written: a change that would leave the
+//! cluster without a voter is refused, and one that costs fault tolerance needs `--force`.
+//!
+//! Exit codes follow sysexits.h so scripts can tell failures apart: 64 bad arguments or a refused change,
+//! 69 no registry member reachable, 77 the cluster secret was refused, 70 anything else the registry refused.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use tonic::Code;
+
+use herald_proto::v1 as pb;
+use herald_registry::client::{ClientError, RegistryClient};
+use herald_registry::grpc::ClusterSecret;
+
+/// EX_USAGE: bad arguments, or a change refused by the safety checks.
+const EXIT_USAGE: u8 = 64;
+/// EX_SOFTWARE: the registry refused the call for another reason, or answered something unreadable.
+const EXIT_SOFTWARE: u8 = 70;
+/// EX_UNAVAILABLE: no registry member could be reached.
+const EXIT_UNAVAILABLE: u8 = 69;
+/// EX_NOPERM: the registry refused the cluster secret.
+const EXIT_NOPERM: u8 = 77;
+
+/// How long one ctl call keeps trying members. Shorter than the client's default (made for edges riding out
+/// elections in the background): an operator waiting at a prompt wants "unreachable" quickly, and a few seconds
+/// still covers an election.
+const RETRY_BUDGET: Duration = Duration::from_secs(5);
+
+/// A learner whose lag is above this many log entries is not promoted without `--force`.
+const DEFAULT_MAX_LAG: u64 = 100;
+
+#[derive(Debug, Args)]
+pub(crate) struct CtlArgs {
+    /// Registry members to talk to, `host:port,...`; any reachable one will do.
+    // Optional for clap (global arguments cannot be required) and checked in `run`, so a missing value exits 64.
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_CTL_REGISTRY",
+        value_delimiter = ',',
+        value_name = "HOST:PORT,..."
+    )]
+    registry: Vec<String>,
+    /// The cluster secret the registry members were started with.
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_CLUSTER_SECRET",
+        hide_env_values = true
+    )]
+    cluster_secret: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Tables for people.
+    Text,
+    /// One JSON document on stdout, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// The registry's raft group: status and membership changes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Leader, term, revision, members (voter or learner, lag) and registered edges.
+    Status,
+    /// Add a started registry member as a learner: it receives the log but does not vote yet.
+    AddLearner {
+        /// The new member's node id (the `--node-id` it was started with).
+        #[arg(long)]
+        node_id: u64,
+        /// The address the other members reach it at.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Make a caught-up learner a voter.
+    Promote {
+        /// The learner's node id.
+        #[arg(long)]
+        node_id: u64,
+        /// The largest replication lag (log entries) accepted without `--force`.
+        #[arg(long, default_value_t = DEFAULT_MAX_LAG)]
+        max_lag: u64,
+        /// Promote even when the learner's lag is unknown or above `--max-lag`.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a voter from the cluster.
+    Remove {
+        /// The voter's node id.
+        #[arg(long)]
+        node_id: u64,
+        /// Remove even when the cluster loses fault tolerance (e.g. 3 voters to 2).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Why a ctl command failed: the message for stderr and the exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs `herald ctl ...` to completion.
+pub(crate) fn run(args: CtlArgs) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(execute(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("herald ctl: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn execute(args: &CtlArgs) -> Result<(), Failure> {
+    let client = connect(args)?;
+    let ctl = Ctl {
+        client,
+        output: args.output,
+    };
+    match &args.command {
+        CtlCommand::Cluster(ClusterCommand::Status) => ctl.status().await,
+        CtlCommand::Cluster(ClusterCommand::AddLearner { node_id, addr }) => {
+            ctl.add_learner(*node_id, addr).await
+        }
+        CtlCommand::Cluster(ClusterCommand::Promote {
+            node_id,
+            max_lag,
+            force,
+        }) => ctl.promote(*node_id, *max_lag, *force).await,
+        CtlCommand::Cluster(ClusterCommand::Remove { node_id, force }) => {
+            ctl.remove(*node_id, *force).await
+        }
+    }
+}
+
+fn connect(args: &CtlArgs) -> Result<RegistryClient, Failure> {
+    let addrs: Vec<String> = args
+        .registry
+        .iter()
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addrs.is_empty() {
+        return Err(Failure::usage(
+            "no registry member given: pass --registry host:port,... or set HERALD_CTL_REGISTRY",
+        ));
+    }
+    let secret = args.cluster_secret.as_deref().ok_or_else(|| {
+        Failure::usage(
+            "no cluster secret given: pass --cluster-secret or set HERALD_CLUSTER_SECRET",
+        )
+    })?;
+    let secret =
+        ClusterSecret::new(secret).map_err(|e| Failure::usage(format!("--cluster-secret: {e}")))?;
+    let client = RegistryClient::new(addrs, secret)
+        .map_err(|e| Failure::usage(format!("--registry: {e}")))?;
+    Ok(client.with_retry_budget(RETRY_BUDGET))
+}
+
+struct Ctl {
+    client: RegistryClient,
+    output: Output,
+}
+
+impl Ctl {
+    /// Turns a client error into the message and exit code an operator can act on.
+    fn failure(&self, e: ClientError) -> Failure {
+        let tried = self.client.members().join(", ");
+        match e.code() {
+            Code::Unauthenticated => Failure {
+                code: EXIT_NOPERM,
+                message: format!(
+                    "the registry refused the cluster secret (check --cluster-secret / HERALD_CLUSTER_SECRET; \
+                     tried {tried})"
+                ),
+            },
+            Code::Unavailable | Code::DeadlineExceeded => Failure {
+                code: EXIT_UNAVAILABLE,
+                message: format!("no registry member reachable (tried {tried}): {e}"),
+            },
+            Code::InvalidArgument => Failure::usage(e.to_string()),
+            _ => Failure {
+                code: EXIT_SOFTWARE,
+                message: e.to_string(),
+            },
+        }
+    }
+
+    async fn fetch_status(&self) -> Result<pb::StatusReply, Failure> {
+        self.client.status().await.map_err(|e| self.failure(e))
+    }
+
+    async fn status(&self) -> Result<(), Failure> {
+        let reply = self.fetch_status().await?;
+        match self.output {
+            Output::Json => println!("{:#}", status_json(&reply)),
+            Output::Text => print!("{}", status_text(&reply)),
+        }
+        Ok(())
+    }
+
+    async fn add_learner(&self, node_id: u64, addr: &str) -> Result<(), Failure> {
+        let reply = self.fetch_status().await?;
+        // Re-adding a learner is harmless, but "adding" a voter as a learner would be a confusing no-op at best.
+        if let Some(member) = reply.members.iter().find(|m| m.node_id == node_id) {
+            if member.voter {
+                return Err(Failure::usage(format!(
+                    "node {node_id} is already a voter (at {})",
+                    member.addr
+                )));
+            }
+        }
+        let log_index = self
+            .client
+            .add_learner(node_id, addr)
+            .await
+            .map_err(|e| self.failure(e))?;
+        self.report(
+            json!({"action": "add-learner", "node_id": node_id, "addr": addr, "log_index": log_index}),
+            format!(
+                "node {node_id} ({addr}) added as a learner (log index {log_index}).\n\
+                 Promote it once `herald ctl cluster status` shows its lag near 0: \
+                 herald ctl cluster promote --node-id {node_id}"
+            ),
+        );
+        Ok(())
+    }
+
+    async fn promote(&self, node_id: u64, max_lag: u64, force: bool) -> Result<(), Failure> {
+        let reply = self.fetch_status().await?;
+        let voters = voters(&reply);
+        let Some(member) = reply.members.iter().find(|m| m.node_id == node_id) else {
+            return Err(Failure::usage(format!(
+                "node {node_id} is not a member: add it first with `herald ctl cluster add-learner --node-id \
+                 {node_id} --addr host:port`"
+            )));
+        };
+        if member.voter {
+            return Err(Failure::usage(format!("node {node_id} is already a voter")));
+        }
+        // A voter that is far behind cannot help commit until it caught up, so promoting it early weakens the
+        // quorum: with it counted, fewer of the others may fail before writes stop.
+        match member.lag {
+            None if !force => {
+                return Err(Failure::usage(format!(
+                    "the lag of node {node_id} is unknown (the status did not come from the leader); \
+                     retry, or pass --force to promote it anyway"
+                )))
+            }
+            Some(lag) if lag > max_lag && !force => {
+                return Err(Failure::usage(format!(
+                    "node {node_id} is {lag} log entries behind (more than --max-lag {max_lag}); wait for it to \
+                     catch up, or pass --force"
+                )))
+            }
+            None => eprintln!("herald ctl: warning: promoting node {node_id} with an unknown lag"),
+            Some(lag) if lag > max_lag => {
+                eprintln!("herald ctl: warning: promoting node {node_id} while {lag} log entries behind")
+            }
+            Some(_) => {}
+        }
+        let mut new_voters = voters.clone();
+        new_voters.insert(node_id);
+        self.change(voters, new_voters, "promote", node_id).await
+    }
+
+    async fn remove(&self, node_id: u64, force: bool) -> Result<(), Failure> {
+        let reply = self.fetch_status().await?;
+        let voters = voters(&reply);
+        if !voters.contains(&node_id) {
+            let what = if reply.members.iter().any(|m| m.node_id == node_id) {
+                "a learner, not a voter (only voters can be removed)"
+            } else {
+                "not a member"
+            };
+            return Err(Failure::usage(format!("node {node_id} is {what}")));
+        }
+        let mut new_voters = voters.clone();
+        new_voters.remove(&node_id);
+        let (now, after) = (voters.len(), new_voters.len());
+        if after == 0 {
+            return Err(Failure::usage(format!(
+                "node {node_id} is the only voter: removing it would leave the cluster without one"
+            )));
+        }
+        let mut risks = Vec::new();
+        if after < quorum(now) {
+            risks.push(format!(
+                "{after} voter(s) is below the quorum of the current {now} ({}): unsafe if the removed member \
+                 is needed to commit the change",
+                quorum(now)
+            ));
+        }
+        if tolerated_failures(after) < tolerated_failures(now) {
+            risks.push(format!(
+                "{now} voters tolerate {} failure(s), {after} tolerate {}",
+                tolerated_failures(now),
+                tolerated_failures(after)
+            ));
+        }
+        if !risks.is_empty() {
+            if !force {
+                return Err(Failure::usage(format!(
+                    "refusing to remove node {node_id}: {}; pass --force to do it anyway",
+                    risks.join("; ")
+                )));
+            }
+            for risk in &risks {
+                eprintln!("herald ctl: warning: {risk}");
+            }
+        }
+        self.change(voters, new_voters, "remove", node_id).await
+    }
+
+    async fn change(
+        &self,
+        before: BTreeSet<u64>,
+        after: BTreeSet<u64>,
+        action: &str,
+        node_id: u64,
+    ) -> Result<(), Failure> {
+        let log_index = self
+            .client
+            .change_membership(after.clone())
+            .await
+            .map_err(|e| self.failure(e))?;
+        self.report(
+            json!({
+                "action": action,
+                "node_id": node_id,
+                "voters_before": before,
+                "voters": after,
+                "log_index": log_index,
+            }),
+            format!(
+                "{action} node {node_id}: voters {before:?} -> {after:?} (log index {log_index})"
+            ),
+        );
+        Ok(())
+    }
+
+    fn report(&self, json: Value, text: String) {
+        match self.output {
+            Output::Json => println!("{json:#}"),
+            Output::Text => println!("{text}"),
+        }
+    }
+}
+
+fn voters(reply: &pb::StatusReply) -> BTreeSet<u64> {
+    reply
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.node_id)
+        .collect()
+}
+
+fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+fn tolerated_failures(voters: usize) -> usize {
+    voters.saturating_sub(1) / 2
+}
+
+fn status_json(reply: &pb::StatusReply) -> Value {
+    json!({
+        "answered_by": reply.node_id,
+        "leader": reply.leader_id.map(|id| json!({"id": id, "addr": reply.leader_addr})),
+        "term": reply.term,
+        "revision": reply.revision,
+        "last_log_index": reply.last_log_index,
+        "last_applied": reply.last_applied,
+        "members": reply.members.iter().map(|m| json!({
+            "id": m.node_id,
+            "addr": m.addr,
+            "role": if m.voter { "voter" } else { "learner" },
+            "lag": m.lag,
+        })).collect::<Vec<_>>(),
+        "edges": reply.edges.iter().map(|e| json!({
+            "edge": e.edge,
+            "peer_addr": e.peer_addr,
+            "rooms": e.rooms,
+            "lease_age_ms": e.lease_age_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn status_text(reply: &pb::StatusReply) -> String {
+    let mut out = String::new();
+    let leader = match reply.leader_id {
+        Some(id) => format!("{id} ({})", or_dash(&reply.leader_addr)),
+        None => "none (election in progress?)".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "leader: {leader}  term: {}  revision: {}  (answered by node {})",
+        reply.term, reply.revision, reply.node_id
+    );
+    out.push('\n');
+    let members: Vec<Vec<String>> = reply
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.node_id.to_string(),
+                m.addr.clone(),
+                if m.voter { "voter" } else { "learner" }.to_owned(),
+                // Only the leader tracks replication, so a follower's answer has no lag.
+                m.lag.map_or_else(|| "?".to_owned(), |lag| lag.to_string()),
+            ]
+        })
+        .collect();
+    table(&mut out, &["ID", "ADDR", "ROLE", "LAG"], &members);
+    out.push('\n');
+    if reply.edges.is_empty() {
+        out.push_str("no edges registered\n");
+    } else {
+        let edges: Vec<Vec<String>> = reply
+            .edges
+            .iter()
+            .map(|e| {
+                vec![
+                    e.edge.clone(),
+                    e.peer_addr.clone(),
+                    e.rooms.to_string(),
+                    e.lease_age_ms
+                        .map_or_else(|| "?".to_owned(), |ms| format!("{ms}ms")),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["EDGE", "PEER ADDR", "ROOMS", "LEASE AGE"],
+            &edges,
+        );
+    }
+    out
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// Appends a left-aligned table with columns as wide as their widest cell.
+fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", text.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_tolerance_and_quorum() {
+        assert_eq!([1, 2, 3, 4, 5].map(tolerated_failures), [0, 0, 1, 1, 2]);
+        assert_eq!([1, 2, 3, 4, 5].map(quorum), [1, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut out = String::new();
+        table(
+            &mut out,
+            &["ID", "ADDR"],
+            &[
+                vec!["10".into(), "a:1".into()],
+                vec!["2".into(), "bb:2".into()],
+            ],
+        );
+        assert_eq!(out, "ID  ADDR\n10  a:1\n2   bb:2\n");
+    }
+}
