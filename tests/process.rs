@@ -166,6 +166,9 @@ async fn dev_prints_how_to_connect_and_warns_loudly() {
     let mut herald = Herald::spawn(&["dev", "--port", "0", "--grpc-port", "0"]);
     let (status, _) = http_request("GET", &format!("http://{}/livez", herald.http), &[], "").await;
     assert_eq!(status, 200);
+    // Give the edge time to register with the embedded registry (a one-member election, then one write); its
+    // log line is checked below.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     herald.signal("INT");
     let (code, stderr) = herald.wait(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{stderr}");
@@ -180,6 +183,8 @@ async fn dev_prints_how_to_connect_and_warns_loudly() {
     assert!(guide.contains("curl -X POST"), "{guide}");
     assert!(stderr.contains("DEV MODE"), "{stderr}");
     assert!(stderr.contains("SIGINT"), "{stderr}");
+    // `herald dev` is a one-member cluster: its edge registered with the embedded registry.
+    assert!(stderr.contains("registered with the registry"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

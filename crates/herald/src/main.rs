@@ -276,7 +276,83 @@ fn init_logging(level: &str, format: &str) {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(mut config: Config) -> ExitCode {
+    // `herald dev` without a registry configured embeds a one-member registry, so the single process runs the
+    // same code path as a cluster: registration, interest batching, the watch and the cluster view.
+    let embedded = if config.dev && !config.cluster.enabled() {
+        match EmbeddedRegistry::start(&mut config).await {
+            Ok(embedded) => Some(embedded),
+            Err(e) => {
+                eprintln!("herald: cannot start the embedded registry: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    } else {
+        None
+    };
+    let code = serve_edge(config).await;
+    if let Some(embedded) = embedded {
+        embedded.stop().await;
+    }
+    code
+}
+
+/// The one-member registry inside `herald dev`: loopback only, a random secret, data in a temporary directory
+/// removed at exit.
+struct EmbeddedRegistry {
+    handle: herald_registry::node::RegistryHandle,
+    data_dir: PathBuf,
+}
+
+impl EmbeddedRegistry {
+    async fn start(config: &mut Config) -> Result<EmbeddedRegistry, String> {
+        use std::hash::{BuildHasher, Hasher};
+        let random = || {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
+        let secret = format!("{:016x}{:016x}", random(), random());
+        let data_dir = std::env::temp_dir().join(format!(
+            "herald-dev-registry-{}-{:x}",
+            std::process::id(),
+            random()
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| e.to_string())?
+            .to_string();
+        let registry_config = herald_registry::node::RegistryConfig::new(
+            1,
+            addr.clone(),
+            data_dir.clone(),
+            herald_registry::grpc::ClusterSecret::new(&secret).map_err(|e| e.to_string())?,
+        );
+        let handle = herald_registry::node::start(registry_config, listener)
+            .await
+            .map_err(|e| e.to_string())?;
+        config.cluster.registry = vec![addr];
+        config.cluster.secret = secret;
+        // One edge, so its peer listener only needs to exist, not to be reachable at a known port.
+        config.cluster.peer_port = 0;
+        if config.cluster.edge_id.is_empty() {
+            config.cluster.edge_id = "dev".into();
+        }
+        Ok(EmbeddedRegistry { handle, data_dir })
+    }
+
+    async fn stop(self) {
+        if let Err(e) = self.handle.shutdown().await {
+            tracing::warn!(cause = %e, "embedded registry did not stop cleanly");
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+async fn serve_edge(config: Config) -> ExitCode {
     let http_addr = format!("{}:{}", config.server_host, config.server_port);
     let grpc_addr = format!("{}:{}", config.server_host, config.grpc_port);
     let (http, grpc) = match (
