@@ -494,3 +494,112 @@ async fn a_killed_edge_disappears_within_its_lease() {
         killed_at.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_under_publish_load_lose_nothing() {
+    let mut cluster = start_cluster(3, 2);
+    let mut on_b = client(&cluster.edges[1]).await;
+    on_b.subscribe(json!("m"), json!({"feed": "membership"}))
+        .await;
+    wait_for_interest(
+        &cluster.edges[0],
+        json!({"feed": "membership"}),
+        &mut [&mut on_b],
+    )
+    .await;
+
+    // A steady publish load on edge A while the registry's membership changes.
+    let publisher_edge = cluster.edges[0].field("http");
+    let load = tokio::spawn(async move {
+        for seq in 0..400u64 {
+            let (status, _) = http_request(
+                "POST",
+                &format!("http://{publisher_edge}/api/v1/publish"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &format!("Bearer {API_KEY}")),
+                ],
+                json!({"rooms": [{"feed": "membership"}], "data": seq}).to_string(),
+            )
+            .await;
+            assert_eq!(status, 200);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+
+    // Add a 4th member (it lists the running members, and its id is the largest, so it joins instead of
+    // bootstrapping a group of its own), promote it, then remove member 1.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dir = tempfile_dir::Dir::new("r4");
+    let mut peers: Vec<String> = cluster
+        .registry_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    peers.push(format!("4={addr}"));
+    let _fourth = Proc::spawn(&[
+        "registry".into(),
+        "--node-id".into(),
+        "4".into(),
+        "--listen".into(),
+        addr.clone(),
+        "--peers".into(),
+        peers.join(","),
+        "--data-dir".into(),
+        dir.0.display().to_string(),
+        "--cluster-secret".into(),
+        SECRET.into(),
+    ]);
+    let registry = cluster.client();
+    registry.add_learner(4, &addr).await.expect("add learner");
+    wait_until(
+        "the learner to catch up",
+        Duration::from_secs(15),
+        || async {
+            registry.status().await.is_ok_and(|s| {
+                s.members
+                    .iter()
+                    .any(|m| m.node_id == 4 && !m.voter && m.lag == Some(0))
+            })
+        },
+    )
+    .await;
+    registry
+        .change_membership([1, 2, 3, 4].into_iter().collect())
+        .await
+        .expect("promote");
+    registry
+        .change_membership([2, 3, 4].into_iter().collect())
+        .await
+        .expect("remove member 1");
+    cluster.kill_registry(0);
+    let status = registry.status().await.expect("status after the change");
+    let mut voters: Vec<u64> = status
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.node_id)
+        .collect();
+    voters.sort();
+    assert_eq!(voters, vec![2, 3, 4]);
+
+    load.await.unwrap();
+    let got = drain(&mut on_b, Duration::from_millis(500)).await;
+    let expected: Vec<Value> = (0..400u64).map(|n| json!(n)).collect();
+    assert_eq!(
+        got, expected,
+        "deliveries were lost, duplicated or reordered during the membership change"
+    );
+
+    // The registry still takes interest changes after the change: a new subscription becomes visible.
+    on_b.subscribe(json!("after"), json!({"feed": "after-change"}))
+        .await;
+    wait_for_interest(
+        &cluster.edges[0],
+        json!({"feed": "after-change"}),
+        &mut [&mut on_b],
+    )
+    .await;
+}
