@@ -603,3 +603,56 @@ async fn membership_changes_under_publish_load_lose_nothing() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_registry_restart_restores_every_committed_change() {
+    let mut cluster = start_cluster(3, 1);
+    let mut on_a = client(&cluster.edges[0]).await;
+    for room in ["r1", "r2", "r3"] {
+        on_a.subscribe(json!(room), json!({"room": room})).await;
+    }
+    // Wait until the registry has the edge with all three rooms.
+    let rooms_of_edge = |status: herald_proto::v1::StatusReply| {
+        status
+            .edges
+            .iter()
+            .find(|e| e.edge == "edge-0")
+            .map(|e| e.rooms)
+    };
+    wait_until(
+        "the edge's interest to be committed",
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .client()
+                .status()
+                .await
+                .is_ok_and(|s| rooms_of_edge(s) == Some(3))
+        },
+    )
+    .await;
+
+    // Stop the edge first so it cannot re-register and mask what the registry remembers; then every member.
+    drop(on_a);
+    cluster.edges.clear();
+    for i in 0..3 {
+        cluster.kill_registry(i);
+    }
+    for i in 0..3 {
+        cluster.restart_registry(i);
+    }
+    // Straight after the restart (well inside the edge's lease, which a new leader restarts in full) the
+    // registered edge and its rooms are back, read from the members' data directories.
+    wait_until(
+        "the restarted registry to answer",
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .client()
+                .status()
+                .await
+                .is_ok_and(|s| s.leader_id.is_some() && rooms_of_edge(s) == Some(3))
+        },
+    )
+    .await;
+}
