@@ -520,3 +520,115 @@ async fn page_and_client_are_served() {
         assert!(html.contains(id), "the page has no {id}");
     }
 }
+
+/// A real `herald dev` process, killed (SIGKILL, by its own PID) when dropped.
+struct DevProcess {
+    child: std::process::Child,
+    http: String,
+}
+
+impl DevProcess {
+    fn spawn() -> DevProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["dev", "--port", "0", "--grpc-port", "0"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start herald dev");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let http = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http="))
+            .expect("listening line")
+            .to_owned();
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stdout.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        DevProcess { child, http }
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// When the edge a browser is connected to dies (SIGKILL, no close frame), herald.js moves on to the next edge
+/// in its list and resubscribes there, and publishes reach it again.
+#[tokio::test]
+async fn herald_js_fails_over_to_another_edge_and_resubscribes() {
+    let first = DevProcess::spawn();
+    let second = DevProcess::spawn();
+    let mut chromium = Chromium::launch();
+    let port = chromium.devtools_port().await;
+    let mut page = Page::attach(port).await;
+    page.call(
+        "Page.navigate",
+        json!({"url": format!("http://{}/", first.http)}),
+    )
+    .await
+    .expect("Page.navigate");
+    page.wait_for("typeof Herald", |v| v == "function")
+        .await
+        .unwrap();
+    page.evaluate(&format!(
+        r#"(async () => {{
+            window.failover = new Herald(["ws://{}/ws/", "ws://{}/ws/"], {{pingInterval: 0, minBackoff: 100}});
+            window.got = [];
+            window.resubscribed = 0;
+            failover.on("subscribed", () => window.resubscribed++);
+            failover.connect();
+            await failover.subscribe({{feed: "failover"}}, data => got.push(data)).ready;
+            return true;
+        }})()"#,
+        first.http, second.http
+    ))
+    .await
+    .unwrap();
+
+    let publish_to = |http: String, data: Value| async move {
+        http_request(
+            "POST",
+            &format!("http://{http}/api/v1/publish"),
+            &[("content-type", "application/json")],
+            json!({"rooms": [{"feed": "failover"}], "data": data}).to_string(),
+        )
+        .await
+    };
+    let (status, body) = publish_to(first.http.clone(), json!("before")).await;
+    assert_eq!(
+        (status, body.contains("\"subscriptions_reached\":1")),
+        (200, true),
+        "{body}"
+    );
+    page.wait_for("window.got.join(',')", |v| v == "before")
+        .await
+        .unwrap();
+
+    let second_url = format!("ws://{}/ws/", second.http);
+    drop(first);
+    page.wait_for("failover.url + ' ' + window.resubscribed", |v| {
+        v.as_str() == Some(&format!("{second_url} 2"))
+    })
+    .await
+    .unwrap();
+    let (status, body) = publish_to(second.http.clone(), json!("after")).await;
+    assert_eq!(
+        (status, body.contains("\"subscriptions_reached\":1")),
+        (200, true),
+        "{body}"
+    );
+    page.wait_for("window.got.join(',')", |v| v == "before,after")
+        .await
+        .unwrap();
+    drop(chromium);
+}

@@ -2,6 +2,7 @@
  * herald.js: a small, dependency-free browser client for herald (and High-templar servers).
  *
  *   var herald = new Herald();   // or new Herald("wss://example.com/ws/", {token: "..."})
+ *   // or, for a cluster: new Herald(["wss://edge-1/ws/", "wss://edge-2/ws/"]) -- reconnects rotate through them
  *   herald.on("authorized", function (allowedRooms) { ... });
  *   var sub = herald.subscribe({chat: "lobby"}, function (data, sub) { ... });
  *   sub.ready.then(function () { ... }, function (err) { ... });   // err.message is the server's code
@@ -22,14 +23,21 @@
   }
 
   function Herald(url, options) {
-    if (url && typeof url === "object") { options = url; url = null; }
+    if (url && typeof url === "object" && !Array.isArray(url)) { options = url; url = null; }
     options = options || {};
-    this.url = url || defaultUrl();
+    // One URL, or several edges of a cluster: after a connection is lost the client moves on to the next one,
+    // so clients of a failed edge land on the others and resubscribe there.
+    var urls = Array.isArray(url) ? url.slice() : [url || defaultUrl()];
     // Browsers cannot set headers on a WebSocket, so the token travels as a query parameter (herald reads
     // `?token=` for JWT auth and forwards it to the backend for bootstrap auth).
     if (options.token) {
-      this.url += (this.url.indexOf("?") < 0 ? "?" : "&") + "token=" + encodeURIComponent(options.token);
+      urls = urls.map(function (u) {
+        return u + (u.indexOf("?") < 0 ? "?" : "&") + "token=" + encodeURIComponent(options.token);
+      });
     }
+    this.urls = urls;
+    this._urlIndex = 0;
+    this.url = urls[0];
     this.pingInterval = options.pingInterval != null ? options.pingInterval : 30000;
     this.minBackoff = options.minBackoff != null ? options.minBackoff : 500;
     this.maxBackoff = options.maxBackoff != null ? options.maxBackoff : 30000;
@@ -98,6 +106,10 @@
   };
 
   Herald.prototype._scheduleReconnect = function (code) {
+    if (this.urls.length > 1) {
+      this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+      this.url = this.urls[this._urlIndex];
+    }
     // 1001 means this server is draining: another one is ready now, so retry at once (jitter still spreads the
     // whole herd out). Otherwise back off exponentially, so a down server is not hammered by every tab.
     var attempt = ++this._attempt;
