@@ -662,44 +662,47 @@ struct Flusher {
 
 impl Flusher {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
-        // A command taken to see whether the queue was empty, to be handled first in the next round.
-        let mut carried = None;
         let mut committed_written = Instant::now();
         loop {
             // Wait for one command, then take whatever else queued up meanwhile (typically during the previous
-            // fsync), and make the whole group durable with one fsync.
-            let first = match carried.take() {
-                Some(cmd) => cmd,
-                None => match rx.recv() {
-                    Ok(cmd) => cmd,
-                    Err(_) => break,
-                },
-            };
-            self.handle(first);
-            for _ in 1..MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(cmd) => self.handle(cmd),
+            // fsync), and make the whole group durable with one fsync. While a committed id is pending, wait at
+            // most until it is due.
+            let first = if self.committed.is_some() {
+                let due = COMMITTED_INTERVAL.saturating_sub(committed_written.elapsed());
+                match rx.recv_timeout(due) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        // The store was dropped: write the latest committed id before exiting.
+                        if let Err(e) = self.persist_committed() {
+                            self.fail(&e);
+                        }
+                        break;
+                    }
+                }
+            } else {
+                match rx.recv() {
+                    Ok(cmd) => Some(cmd),
                     Err(_) => break,
                 }
-            }
-            if let Err(e) = self.flush_log() {
-                self.fail(&e);
-                continue;
-            }
-            if self.committed.is_none() {
-                continue;
-            }
-            // The committed id costs two more fsyncs (file and directory). Under load it is written at most every
-            // COMMITTED_INTERVAL, so that it does not slow every group commit; it is written as soon as the queue
-            // is idle, including when the store is dropped (the channel then reports disconnected).
-            let idle = match rx.try_recv() {
-                Ok(cmd) => {
-                    carried = Some(cmd);
-                    false
-                }
-                Err(_) => true,
             };
-            if idle || committed_written.elapsed() >= COMMITTED_INTERVAL {
+            if let Some(first) = first {
+                self.handle(first);
+                for _ in 1..MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(cmd) => self.handle(cmd),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = self.flush_log() {
+                    self.fail(&e);
+                    continue;
+                }
+            }
+            // The committed id costs two more fsyncs (file and directory), so it is written at most every
+            // COMMITTED_INTERVAL rather than after every group commit: a stale committed id on disk only means
+            // re-applying a little less on restart. It is always written when the store is dropped.
+            if self.committed.is_some() && committed_written.elapsed() >= COMMITTED_INTERVAL {
                 if let Err(e) = self.persist_committed() {
                     self.fail(&e);
                 }
