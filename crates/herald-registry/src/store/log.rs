@@ -43,7 +43,7 @@ const PURGED: &str = "purged.json";
 /// appends cannot postpone the fsync (and every callback) indefinitely.
 const MAX_BATCH: usize = 4096;
 
-/// How often, at most, the committed id is persisted while appends keep the flusher busy.
+/// How often, at most, the committed id is persisted (it costs two fsyncs; a stale one is safe).
 const COMMITTED_INTERVAL: Duration = Duration::from_millis(100);
 
 type RegistryEntry = Entry<TypeConfig>;
