@@ -300,6 +300,26 @@ async fn a_publish_on_one_edge_reaches_every_edge_exactly_once() {
     on_b.expect_silence(Duration::from_millis(200)).await;
 }
 
+/// Publishes `0..count` to `room` on the edge at `http`, one every 5 ms, each answered 200.
+fn spawn_publish_load(http: String, room: Value, count: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for seq in 0..count {
+            let (status, _) = http_request(
+                "POST",
+                &format!("http://{http}/api/v1/publish"),
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &format!("Bearer {API_KEY}")),
+                ],
+                json!({"rooms": [room], "data": seq}).to_string(),
+            )
+            .await;
+            assert_eq!(status, 200);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+}
+
 /// Drains everything a client has received within `quiet` of silence, returning the `data` of each publish.
 async fn drain(client: &mut WsClient, quiet: Duration) -> Vec<Value> {
     let mut out = Vec::new();
@@ -347,23 +367,11 @@ async fn killing_the_registry_leader_loses_no_delivery() {
 
     let leader = cluster.status().await.expect("a leader").0;
     // A steady publish load on edge A while the leader dies.
-    let publisher_edge = cluster.edges[0].field("http");
-    let load = tokio::spawn(async move {
-        for seq in 0..300u64 {
-            let (status, _) = http_request(
-                "POST",
-                &format!("http://{publisher_edge}/api/v1/publish"),
-                &[
-                    ("content-type", "application/json"),
-                    ("authorization", &format!("Bearer {API_KEY}")),
-                ],
-                json!({"rooms": [{"feed": "steady"}], "data": seq}).to_string(),
-            )
-            .await;
-            assert_eq!(status, 200);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let load = spawn_publish_load(
+        cluster.edges[0].field("http"),
+        json!({"feed": "steady"}),
+        300,
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.kill_registry(leader as usize - 1);
     let killed_at = Instant::now();
@@ -509,23 +517,11 @@ async fn membership_changes_under_publish_load_lose_nothing() {
     .await;
 
     // A steady publish load on edge A while the registry's membership changes.
-    let publisher_edge = cluster.edges[0].field("http");
-    let load = tokio::spawn(async move {
-        for seq in 0..400u64 {
-            let (status, _) = http_request(
-                "POST",
-                &format!("http://{publisher_edge}/api/v1/publish"),
-                &[
-                    ("content-type", "application/json"),
-                    ("authorization", &format!("Bearer {API_KEY}")),
-                ],
-                json!({"rooms": [{"feed": "membership"}], "data": seq}).to_string(),
-            )
-            .await;
-            assert_eq!(status, 200);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let load = spawn_publish_load(
+        cluster.edges[0].field("http"),
+        json!({"feed": "membership"}),
+        400,
+    );
 
     // Add a 4th member (it lists the running members, and its id is the largest, so it joins instead of
     // bootstrapping a group of its own), promote it, then remove member 1.
