@@ -191,7 +191,10 @@ pub async fn run_with_cluster(
     let stop_grpc = CancellationToken::new();
     let grpc_service = PublisherServer::new(PublisherService::new(state.clone()))
         .max_decoding_message_size(max_grpc_message);
-    let grpc_incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    // `Server::tcp_nodelay` only applies to listeners tonic binds itself; an incoming stream carries its own.
+    // Without it Nagle holds a response's trailers behind the client's delayed ACK (up to 40 ms).
+    let grpc_incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let grpc_stop = stop_grpc.clone();
     let grpc = tokio::spawn(async move {
         tonic::transport::Server::builder()

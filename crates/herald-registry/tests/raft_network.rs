@@ -15,8 +15,8 @@ use openraft::{Config, Raft, RaftNetwork, RaftNetworkFactory, Vote};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataValue;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::Code;
 
@@ -92,9 +92,12 @@ impl Member {
                     secret,
                     DEFAULT_MAX_RAFT_MESSAGE_BYTES,
                 ))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                }),
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
         );
         Member {
             id,

@@ -198,11 +198,11 @@ pub(crate) fn start(state: Arc<State>, node: ClusterNode) -> PeerTasks {
     } = node;
     let stop = CancellationToken::new();
     let service = service::peer_server(state, cluster.secret.clone(), cluster.max_message_bytes);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle off on accepted streams: `Server::tcp_nodelay` does not reach an incoming stream we pass in.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server_stop = stop.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned())
             .await
