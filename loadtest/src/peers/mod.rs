@@ -20,8 +20,8 @@
 //! How each peer is installed and configured, and every setting changed from its defaults, is in
 //! `loadtest/peers.md`.
 
-pub mod nats;
-pub mod sockudo;
+pub(crate) mod nats;
+pub(crate) mod sockudo;
 
 use std::fmt;
 use std::io;
@@ -39,20 +39,20 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// One message received by a subscriber.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
+pub(crate) struct Delivery {
     /// Which of this connection's subscriptions it came through: the position (from 0) of the subject or
     /// channel in the order this connection subscribed to them.
-    pub subscription: usize,
+    pub(crate) subscription: usize,
     /// The subject (NATS: the subject it was published to, which differs from the subscribed one for wildcard
     /// subscriptions) or channel (Sockudo) it was published to.
-    pub topic: Bytes,
+    pub(crate) topic: Bytes,
     /// Exactly the bytes the publisher passed in.
-    pub payload: Bytes,
+    pub(crate) payload: Bytes,
 }
 
 /// Why a peer's server or client failed. Nothing a server sends makes a client panic: bad frames end up here.
 #[derive(Debug)]
-pub enum PeerError {
+pub(crate) enum PeerError {
     /// A socket or process operation failed.
     Io(io::Error),
     /// The WebSocket layer failed (handshake refused, bad frame, ...).
@@ -63,8 +63,8 @@ pub enum PeerError {
     Protocol(String),
     /// The server answered with an error (NATS `-ERR`, Pusher `pusher:error`, an HTTP error status).
     Rejected(String),
-    /// The server closed the connection.
-    Closed,
+    /// The server closed the connection, with the WebSocket close code when it sent a close frame with one.
+    Closed(Option<u16>),
     /// A server process did not start, or did not accept connections in time; the message ends with the tail
     /// of its log.
     Start(String),
@@ -80,7 +80,8 @@ impl fmt::Display for PeerError {
             Self::Http(err) => write!(f, "http error: {err}"),
             Self::Protocol(msg) => write!(f, "protocol error: {msg}"),
             Self::Rejected(msg) => write!(f, "server rejected the request: {msg}"),
-            Self::Closed => f.write_str("the server closed the connection"),
+            Self::Closed(Some(code)) => write!(f, "the server closed the connection (code {code})"),
+            Self::Closed(None) => f.write_str("the server closed the connection"),
             Self::Start(msg) => write!(f, "server did not start: {msg}"),
             Self::InvalidInput(msg) => write!(f, "invalid input: {msg}"),
         }
@@ -108,7 +109,7 @@ impl From<fastwebsockets::WebSocketError> for PeerError {
     fn from(err: fastwebsockets::WebSocketError) -> Self {
         match err {
             fastwebsockets::WebSocketError::ConnectionClosed
-            | fastwebsockets::WebSocketError::UnexpectedEOF => Self::Closed,
+            | fastwebsockets::WebSocketError::UnexpectedEOF => Self::Closed(None),
             err => Self::WebSocket(err),
         }
     }
@@ -125,7 +126,7 @@ impl From<hyper::Error> for PeerError {
 /// A server started by this process. Dropping it kills that child (SIGKILL, by its own PID, never by name) and
 /// reaps it.
 #[derive(Debug)]
-pub struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
     name: &'static str,
     log: PathBuf,
@@ -151,12 +152,12 @@ impl ServerProcess {
     }
 
     /// The server's process id, for reading its RSS and CPU time from `/proc/<pid>/`.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Where the server's stdout and stderr go.
-    pub fn log_path(&self) -> &Path {
+    pub(crate) fn log_path(&self) -> &Path {
         &self.log
     }
 
@@ -213,7 +214,7 @@ fn log_tail(path: &Path) -> String {
 /// Finds an executable: first in `preferred` (e.g. `target/bench-tools/bin`, where
 /// `scripts/install-bench-deps.sh` puts Sockudo), then on `PATH`. `None` means the peer is not installed and
 /// should be skipped.
-pub fn find_binary(name: &str, preferred: &[PathBuf]) -> Option<PathBuf> {
+pub(crate) fn find_binary(name: &str, preferred: &[PathBuf]) -> Option<PathBuf> {
     let path_dirs = std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .unwrap_or_default();
@@ -286,6 +287,14 @@ where
     fn execute(&self, future: F) {
         tokio::spawn(future);
     }
+}
+
+/// The error for a received close frame: its status code, when it has one.
+pub(crate) fn closed(payload: &[u8]) -> PeerError {
+    PeerError::Closed(match payload {
+        [high, low, ..] => Some(u16::from_be_bytes([*high, *low])),
+        _ => None,
+    })
 }
 
 /// Takes a frame's payload as owned bytes without copying when fastwebsockets already owns it.

@@ -42,7 +42,7 @@ const CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"tls_req
 /// A `nats-server` started by the harness, with its client port and its WebSocket listener (no TLS) on loopback.
 /// Dropping it kills the server.
 #[derive(Debug)]
-pub struct NatsServer {
+pub(crate) struct NatsServer {
     process: ServerProcess,
     client_addr: SocketAddr,
     ws_addr: SocketAddr,
@@ -50,13 +50,13 @@ pub struct NatsServer {
 
 impl NatsServer {
     /// Finds `nats-server` on `PATH` (Debian's package installs `/usr/bin/nats-server`); `None`: not installed.
-    pub fn binary() -> Option<PathBuf> {
+    pub(crate) fn binary() -> Option<PathBuf> {
         super::find_binary("nats-server", &[])
     }
 
     /// Writes `nats.conf` into `dir`, starts `binary` with it and waits (up to 10 s) until both listeners accept.
     /// Both addresses must be loopback addresses with explicit ports. The server's log is `dir/nats.log`.
-    pub async fn start(
+    pub(crate) async fn start(
         binary: &Path,
         dir: &Path,
         client_addr: SocketAddr,
@@ -86,22 +86,22 @@ impl NatsServer {
     }
 
     /// The server's process id, for `/proc/<pid>/status` and `/proc/<pid>/stat`.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
     /// Where publishers connect (the NATS client protocol over plain TCP).
-    pub fn client_addr(&self) -> SocketAddr {
+    pub(crate) fn client_addr(&self) -> SocketAddr {
         self.client_addr
     }
 
     /// Where subscribers connect (the NATS client protocol over WebSocket, path `/`).
-    pub fn ws_addr(&self) -> SocketAddr {
+    pub(crate) fn ws_addr(&self) -> SocketAddr {
         self.ws_addr
     }
 
     /// The server's log file.
-    pub fn log_path(&self) -> &Path {
+    pub(crate) fn log_path(&self) -> &Path {
         self.process.log_path()
     }
 }
@@ -122,7 +122,7 @@ fn config(client_addr: SocketAddr, ws_addr: SocketAddr) -> String {
 ///
 /// Drive it by calling [`next`](Self::next) in a loop: that also answers the server's `PING`s (every 2 minutes;
 /// two unanswered ones and the server drops the connection).
-pub struct NatsWsSubscriber {
+pub(crate) struct NatsWsSubscriber {
     ws: WsConn,
     /// The protocol stream reassembled from WebSocket frames, not yet parsed.
     buf: BytesMut,
@@ -134,7 +134,10 @@ pub struct NatsWsSubscriber {
 impl NatsWsSubscriber {
     /// Connects to a NATS WebSocket listener, optionally from the source address `local`, and completes the
     /// `INFO` / `CONNECT` / `PING` / `PONG` exchange.
-    pub async fn connect(ws_addr: SocketAddr, local: Option<IpAddr>) -> Result<Self, PeerError> {
+    pub(crate) async fn connect(
+        ws_addr: SocketAddr,
+        local: Option<IpAddr>,
+    ) -> Result<Self, PeerError> {
         let ws = ws_connect(ws_addr, local, "/").await?;
         let mut subscriber = Self {
             ws,
@@ -156,14 +159,14 @@ impl NatsWsSubscriber {
     }
 
     /// Subscribes to one subject and waits for the server to confirm it; returns the time that took.
-    pub async fn subscribe(&mut self, subject: &str) -> Result<Duration, PeerError> {
+    pub(crate) async fn subscribe(&mut self, subject: &str) -> Result<Duration, PeerError> {
         Ok(self.subscribe_all(&[subject]).await?[0])
     }
 
     /// Subscribes to every subject, pipelined (all `SUB`s sent at once, each followed by a `PING`), and waits for
     /// every confirmation. Returns, per subject, the time from sending it to its confirmation. The subjects'
     /// positions count on from the previous calls' and are [`Delivery::subscription`].
-    pub async fn subscribe_all<S: AsRef<str>>(
+    pub(crate) async fn subscribe_all<S: AsRef<str>>(
         &mut self,
         subjects: &[S],
     ) -> Result<Vec<Duration>, PeerError> {
@@ -188,10 +191,10 @@ impl NatsWsSubscriber {
             .collect())
     }
 
-    /// The next delivery, in the order the server sent them. `Err(PeerError::Closed)` when the server closed the
+    /// The next delivery, in the order the server sent them. `Err(PeerError::Closed(code))` when the server closed the
     /// connection; `Err(PeerError::Rejected)` for a `-ERR` (e.g. `'Slow Consumer'`), after which the server
     /// usually closes the connection. Not cancel-safe.
-    pub async fn next(&mut self) -> Result<Delivery, PeerError> {
+    pub(crate) async fn next(&mut self) -> Result<Delivery, PeerError> {
         if let Some(delivery) = self.pending.pop_front() {
             return Ok(delivery);
         }
@@ -247,7 +250,7 @@ impl NatsWsSubscriber {
                     }
                     return Ok(());
                 }
-                OpCode::Close => return Err(PeerError::Closed),
+                OpCode::Close => return Err(super::closed(&frame.payload)),
                 // Pings are answered by fastwebsockets; fragments are collected before they get here.
                 OpCode::Ping | OpCode::Pong | OpCode::Continuation => {}
             }
@@ -396,7 +399,7 @@ fn parse_msg(buf: &mut BytesMut, eol: usize, args_start: usize) -> Result<Option
 /// [`publish`](Self::publish) only appends to a buffer; [`flush`](Self::flush) writes it out, so a caller can
 /// send one message per write or batch several. A background task answers the server's `PING`s and records a
 /// `-ERR`, which the next call returns.
-pub struct NatsPublisher {
+pub(crate) struct NatsPublisher {
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     shared: Arc<PublisherShared>,
     buf: Vec<u8>,
@@ -438,7 +441,7 @@ impl PublisherShared {
 impl NatsPublisher {
     /// Connects to the NATS client port, optionally from the source address `local`, and completes the
     /// `INFO` / `CONNECT` / `PING` / `PONG` exchange.
-    pub async fn connect(
+    pub(crate) async fn connect(
         client_addr: SocketAddr,
         local: Option<IpAddr>,
     ) -> Result<Self, PeerError> {
@@ -477,7 +480,7 @@ impl NatsPublisher {
     }
 
     /// Appends `PUB <subject> <len>\r\n<payload>\r\n` to the output buffer. Any bytes are fine as payload.
-    pub fn publish(&mut self, subject: &str, payload: &[u8]) -> Result<(), PeerError> {
+    pub(crate) fn publish(&mut self, subject: &str, payload: &[u8]) -> Result<(), PeerError> {
         check_subject(subject)?;
         self.buf.extend_from_slice(b"PUB ");
         self.buf.extend_from_slice(subject.as_bytes());
@@ -491,7 +494,7 @@ impl NatsPublisher {
     }
 
     /// Writes out everything published since the last flush (one write).
-    pub async fn flush(&mut self) -> Result<(), PeerError> {
+    pub(crate) async fn flush(&mut self) -> Result<(), PeerError> {
         self.shared.check()?;
         if self.buf.is_empty() {
             return Ok(());
@@ -503,7 +506,7 @@ impl NatsPublisher {
 
     /// Flushes, then waits until the server has processed everything sent so far (a `PING` round trip): after
     /// this every earlier publish has been handed to the server's subscribers' outbound buffers.
-    pub async fn sync(&mut self) -> Result<(), PeerError> {
+    pub(crate) async fn sync(&mut self) -> Result<(), PeerError> {
         self.buf.extend_from_slice(b"PING\r\n");
         self.flush().await?;
         self.pings_sent += 1;
@@ -561,7 +564,7 @@ async fn read_line(
     line.clear();
     let n = read.read_until(b'\n', line).await?;
     if n == 0 {
-        return Err(PeerError::Closed);
+        return Err(PeerError::Closed(None));
     }
     if line.len() > MAX_CONTROL_LINE + 2 {
         return Err(PeerError::Protocol("control line too long".into()));

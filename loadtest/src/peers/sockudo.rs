@@ -39,17 +39,17 @@ use tokio::task::JoinHandle;
 use super::{connect_tcp, ws_connect, Delivery, PeerError, ServerProcess, WsConn};
 
 /// The event name the publisher uses; the subscriber accepts any non-internal event.
-pub const EVENT_NAME: &str = "m";
+pub(crate) const EVENT_NAME: &str = "m";
 
 /// A Pusher app: the id is in publish URLs, the key in WebSocket URLs and signatures, the secret signs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PusherApp {
+pub(crate) struct PusherApp {
     /// App id (`/apps/<id>/events`).
-    pub id: String,
+    pub(crate) id: String,
     /// App key (`/app/<key>`, `auth_key`).
-    pub key: String,
+    pub(crate) key: String,
     /// App secret (HMAC key).
-    pub secret: String,
+    pub(crate) secret: String,
 }
 
 impl Default for PusherApp {
@@ -68,7 +68,7 @@ impl Default for PusherApp {
 /// A Sockudo server started by the harness: WebSocket and HTTP API on one loopback port, its Prometheus
 /// metrics on another, one static app. Dropping it kills the server.
 #[derive(Debug)]
-pub struct SockudoServer {
+pub(crate) struct SockudoServer {
     process: ServerProcess,
     addr: SocketAddr,
     app: PusherApp,
@@ -77,14 +77,14 @@ pub struct SockudoServer {
 impl SockudoServer {
     /// Finds `sockudo` in `<repo>/target/bench-tools/bin` (where `scripts/install-bench-deps.sh` installs it),
     /// then on `PATH`; `None`: not installed. `repo` is the workspace root.
-    pub fn binary(repo: &Path) -> Option<PathBuf> {
+    pub(crate) fn binary(repo: &Path) -> Option<PathBuf> {
         super::find_binary("sockudo", &[repo.join("target/bench-tools/bin")])
     }
 
     /// Writes `sockudo.toml` into `dir`, starts `binary` with it (working directory `dir`, environment cleared
     /// but for `PATH`, so no `config/config.toml` or environment variable overrides it) and waits (up to 30 s)
     /// until `addr` accepts. Both addresses must be loopback with explicit ports. The log is `dir/sockudo.log`.
-    pub async fn start(
+    pub(crate) async fn start(
         binary: &Path,
         dir: &Path,
         addr: SocketAddr,
@@ -116,22 +116,22 @@ impl SockudoServer {
     }
 
     /// The server's process id, for `/proc/<pid>/status` and `/proc/<pid>/stat`.
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.process.pid()
     }
 
     /// Where subscribers (`/app/<key>`) and publishers (`/apps/<id>/events`) connect.
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// The app the server was configured with.
-    pub fn app(&self) -> &PusherApp {
+    pub(crate) fn app(&self) -> &PusherApp {
         &self.app
     }
 
     /// The server's log file.
-    pub fn log_path(&self) -> &Path {
+    pub(crate) fn log_path(&self) -> &Path {
         self.process.log_path()
     }
 }
@@ -202,7 +202,7 @@ port = {metrics_port}
 ///
 /// Drive it by calling [`next`](Self::next) in a loop: that also answers the server's `pusher:ping`s (sent after
 /// `activity_timeout`, 120 s by default, of silence; an unanswered one closes the connection).
-pub struct PusherSubscriber {
+pub(crate) struct PusherSubscriber {
     ws: WsConn,
     socket_id: String,
     /// Subscribed channel -> (its position, its name as shared bytes for [`Delivery::topic`]).
@@ -234,7 +234,7 @@ enum Event {
 impl PusherSubscriber {
     /// Connects to `/app/<key>?protocol=7`, optionally from the source address `local`, and waits for
     /// `pusher:connection_established`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: SocketAddr,
         app_key: &str,
         local: Option<IpAddr>,
@@ -272,13 +272,13 @@ impl PusherSubscriber {
     }
 
     /// The socket id the server assigned.
-    pub fn socket_id(&self) -> &str {
+    pub(crate) fn socket_id(&self) -> &str {
         &self.socket_id
     }
 
     /// Subscribes to one public channel and waits for `pusher_internal:subscription_succeeded`; returns the
     /// time that took.
-    pub async fn subscribe(&mut self, channel: &str) -> Result<Duration, PeerError> {
+    pub(crate) async fn subscribe(&mut self, channel: &str) -> Result<Duration, PeerError> {
         Ok(self.subscribe_all(&[channel]).await?[0])
     }
 
@@ -286,7 +286,7 @@ impl PusherSubscriber {
     /// `subscription_succeeded`. Returns, per channel, the time from sending to its acknowledgement. The
     /// channels' positions count on from the previous calls' and are [`Delivery::subscription`]. A channel
     /// this connection already subscribed to is an error.
-    pub async fn subscribe_all<S: AsRef<str>>(
+    pub(crate) async fn subscribe_all<S: AsRef<str>>(
         &mut self,
         channels: &[S],
     ) -> Result<Vec<Duration>, PeerError> {
@@ -339,10 +339,10 @@ impl PusherSubscriber {
         Ok(acked)
     }
 
-    /// The next event on a subscribed channel, in the order the server sent them. `Err(PeerError::Closed)`
+    /// The next event on a subscribed channel, in the order the server sent them. `Err(PeerError::Closed(code))`
     /// when the server closed the connection (e.g. Sockudo's outbound buffer for it filled up);
     /// `Err(PeerError::Rejected)` for a `pusher:error`. Not cancel-safe.
-    pub async fn next(&mut self) -> Result<Delivery, PeerError> {
+    pub(crate) async fn next(&mut self) -> Result<Delivery, PeerError> {
         if let Some(delivery) = self.pending.pop_front() {
             return Ok(delivery);
         }
@@ -415,7 +415,7 @@ async fn read_message(ws: &mut WsConn) -> Result<bytes::BytesMut, PeerError> {
         let frame = ws.read_frame().await?;
         match frame.opcode {
             OpCode::Text | OpCode::Binary => return Ok(super::payload_bytes(frame.payload)),
-            OpCode::Close => return Err(PeerError::Closed),
+            OpCode::Close => return Err(super::closed(&frame.payload)),
             OpCode::Ping | OpCode::Pong | OpCode::Continuation => {}
         }
     }
@@ -455,7 +455,7 @@ fn json_string(text: &str) -> String {
 /// A publisher on Sockudo's HTTP API over one keep-alive HTTP/1.1 connection. One request is in flight at a
 /// time (HTTP/1.1 without pipelining): for a higher rate than one connection's round trips allow, use several
 /// publishers, or [`publish_batch`](Self::publish_batch).
-pub struct PusherPublisher {
+pub(crate) struct PusherPublisher {
     sender: SendRequest<Full<Bytes>>,
     connection: JoinHandle<()>,
     app: PusherApp,
@@ -467,7 +467,7 @@ pub struct PusherPublisher {
 
 impl PusherPublisher {
     /// Opens the connection, optionally from the source address `local`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: SocketAddr,
         app: PusherApp,
         local: Option<IpAddr>,
@@ -492,7 +492,7 @@ impl PusherPublisher {
 
     /// Publishes one event carrying `payload` to `channels` (at most 100, Pusher's limit) and waits for the
     /// server's 200.
-    pub async fn publish<S: AsRef<str>>(
+    pub(crate) async fn publish<S: AsRef<str>>(
         &mut self,
         channels: &[S],
         payload: &[u8],
@@ -533,7 +533,7 @@ impl PusherPublisher {
 
     /// Publishes several events, each `(channel, payload)`, in one `batch_events` request (at most 100: the
     /// harness raises Sockudo's default of 10, see peers.md) and waits for the server's 200.
-    pub async fn publish_batch<S: AsRef<str>, P: AsRef<[u8]>>(
+    pub(crate) async fn publish_batch<S: AsRef<str>, P: AsRef<[u8]>>(
         &mut self,
         events: &[(S, P)],
     ) -> Result<(), PeerError> {
