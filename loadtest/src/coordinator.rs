@@ -1,0 +1,836 @@
+//! The coordinator: starts (or attaches to) the servers, starts the workers, publishes on the open-loop
+//! schedule, gathers everything and judges the run.
+//!
+//! Phases: servers up and probed (a publish from every node reaches a probe subscriber on every node) → workers
+//! connect and subscribe on the ramp schedule → publishing for `duration_secs` (progress bar, one timeline point
+//! a second) → drain until deliveries stop or `drain_secs` → workers report, per (room, publisher), against the
+//! counts actually sent.
+
+use std::cell::RefCell;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
+
+use crate::driver::herald::{GrpcPublisher, HeraldDriver, HttpPublisher};
+use crate::driver::{Driver, Incoming, Publisher, SubscriberClient};
+use crate::payload::{encode, now_ns, Header};
+use crate::procstat;
+use crate::report::*;
+use crate::scenario::{PublishApi, Scenario};
+use crate::server::{self, Servers};
+use crate::stats::Latency;
+use crate::wire::{Command, ConnectReport, Event, FinalReport, Plan, TargetKind};
+
+/// What `herald-loadtest run` was asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct RunOptions {
+    pub(crate) scenario: Scenario,
+    pub(crate) target: TargetKind,
+    pub(crate) publish_api: PublishApi,
+    /// Attach to these nodes instead of starting servers.
+    pub(crate) attach: Vec<String>,
+    pub(crate) server_pids: Vec<u32>,
+    pub(crate) api_key: Option<String>,
+    /// Appended to the WebSocket path (e.g. `?token=...`).
+    pub(crate) ws_query: String,
+    pub(crate) herald_bin: Option<PathBuf>,
+    pub(crate) out: PathBuf,
+    pub(crate) progress: bool,
+}
+
+/// Runs a scenario end to end and writes the report; `Ok(report)` even when the run failed its criteria.
+pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
+    let scenario = &opts.scenario;
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut servers = if opts.attach.is_empty() {
+        match opts.target {
+            TargetKind::Herald => {
+                let bin = server::find_herald(opts.herald_bin.as_deref())?;
+                server::start_herald(
+                    &bin,
+                    scenario.cluster.nodes,
+                    scenario.cluster.registries,
+                    &opts.out.join("logs"),
+                )?
+            }
+            other => bail!(
+                "starting {} is not wired in yet; start it yourself and pass --edge",
+                other.name()
+            ),
+        }
+    } else {
+        server::attach(&opts.attach, &opts.server_pids)?
+    };
+    if let Some(key) = &opts.api_key {
+        servers.api_key = Some(key.clone());
+    }
+    if servers.nodes.len() < scenario.cluster.nodes {
+        bail!(
+            "the scenario uses {} nodes but {} were given",
+            scenario.cluster.nodes,
+            servers.nodes.len()
+        );
+    }
+    servers.nodes.truncate(scenario.cluster.nodes);
+
+    let bar = if opts.progress {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar.set_message("waiting for the servers");
+    probe(&opts, &servers)
+        .await
+        .context("the servers are not ready")?;
+
+    let rss_before: Vec<u64> = servers
+        .pids()
+        .iter()
+        .map(|(_, pid)| procstat::rss_bytes(*pid).unwrap_or(0))
+        .collect();
+    let sock_before = procstat::tcp_socket_memory_bytes();
+
+    // === connect ===
+    let workers = scenario.workers();
+    bar.set_message(format!(
+        "connecting {} subscribers from {workers} worker(s)",
+        scenario.connections()
+    ));
+    let connect_start = now_ns() + 200_000_000;
+    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let mut procs = Vec::new();
+    for w in 0..workers {
+        let plan = Plan {
+            scenario: scenario.clone(),
+            target: opts.target,
+            worker: w,
+            nodes: servers.nodes.iter().map(|n| n.ws).collect(),
+            driver_options: serde_json::json!({ "query": opts.ws_query }),
+            source: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (w % 250) as u8)),
+            start_ns: connect_start,
+        };
+        procs.push(spawn_worker(w, &plan, event_tx.clone()).await?);
+    }
+    drop(event_tx);
+    let mut connected = vec![None; workers];
+    while connected.iter().any(Option::is_none) {
+        let (w, event) = next_event(&mut events, &mut servers).await?;
+        match event {
+            Event::Connected(report) => connected[w] = Some(report),
+            Event::Fatal(e) => bail!("worker {w}: {e}"),
+            _ => {}
+        }
+    }
+    let connected: Vec<ConnectReport> = connected.into_iter().flatten().collect();
+    let connect = connect_figures(scenario, &connected, connect_start);
+    let rss_connected: Vec<u64> = servers
+        .pids()
+        .iter()
+        .map(|(_, pid)| procstat::rss_bytes(*pid).unwrap_or(0))
+        .collect();
+    let sock_connected = procstat::tcp_socket_memory_bytes();
+    bar.println(format!(
+        "{} subscribed ({} failed) at {:.0}/s, p99 time to ack {:.1} ms",
+        connect.subscribed, connect.failed, connect.subscribes_per_sec, connect.time_to_ack.p99_ms
+    ));
+
+    // === publish ===
+    let duration = Duration::from_secs_f64(scenario.duration_secs);
+    // Publishers connect before the schedule starts, so connection setup never shows up as latency.
+    let publishers = connect_publishers(&opts, &servers).await?;
+    let publish_start = now_ns() + 100_000_000;
+    let publish_end = publish_start + duration.as_nanos() as u64;
+    let record_from = publish_start + (scenario.warmup_secs * 1e9) as u64;
+    for p in &mut procs {
+        p.send(&Command::Publishing {
+            start_ns: publish_start,
+            record_from_ns: record_from,
+        })
+        .await?;
+    }
+    let sent: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..scenario.clients.rooms)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    );
+    let publishers: Vec<PublisherHandle> = publishers
+        .into_iter()
+        .map(|(publisher, mut schedule)| {
+            schedule.start = publish_start;
+            schedule.end = publish_end;
+            tokio::spawn(publish_loop(publisher, schedule, sent.clone()))
+        })
+        .collect();
+
+    let pids = servers.pids();
+    let cpu_start: Vec<f64> = pids
+        .iter()
+        .map(|(_, pid)| procstat::cpu_secs(*pid).unwrap_or(0.0))
+        .collect();
+    let harness_pids: Vec<u32> = std::iter::once(std::process::id())
+        .chain(procs.iter().filter_map(|p| p.child.id()))
+        .collect();
+    let harness_cpu_start: f64 = harness_pids
+        .iter()
+        .filter_map(|p| procstat::cpu_secs(*p))
+        .sum();
+    let mut rss_peak = rss_connected.clone();
+
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} publishing [{bar:30}] {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_length(duration.as_secs().max(1));
+    let slow_count = (0..scenario.connections())
+        .filter(|i| scenario.subscriber(*i).slow)
+        .count();
+    let slow_stop = publish_start + (scenario.slow_consumers.stop_after_secs * 1e9) as u64;
+    let mut slow_all_gone_at: Option<f64> = None;
+
+    let mut timeline = Vec::new();
+    let mut interval_delivered = 0u64;
+    let mut interval_latency = Latency::default();
+    let mut total_delivered_ticks = 0u64;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    let drain_deadline = publish_end + (scenario.drain_secs * 1e9) as u64;
+    let mut last_change = now_ns();
+    let mut last_total = 0u64;
+    loop {
+        tokio::select! {
+            event = next_event(&mut events, &mut servers) => {
+                let (w, event) = event?;
+                match event {
+                    Event::Tick(tick) => {
+                        interval_delivered += tick.delivered;
+                        total_delivered_ticks += tick.delivered;
+                        interval_latency.add_wire(&tick.latency);
+                    }
+                    Event::Fatal(e) => bail!("worker {w}: {e}"),
+                    _ => {}
+                }
+            }
+            _ = ticker.tick() => {
+                let now = now_ns();
+                let t = now.saturating_sub(publish_start) as f64 / 1e9;
+                let pct = interval_latency.percentiles();
+                timeline.push(TimelinePoint {
+                    t,
+                    delivered_per_sec: interval_delivered as f64,
+                    p50_ms: pct.p50_ms,
+                    p99_ms: pct.p99_ms,
+                    max_ms: pct.max_ms,
+                });
+                bar.set_position((t as u64).min(duration.as_secs()));
+                bar.set_message(format!("{} deliveries/s, p99 {:.2} ms", interval_delivered, pct.p99_ms));
+                interval_delivered = 0;
+                interval_latency.reset();
+                for (i, (_, pid)) in pids.iter().enumerate() {
+                    if let Some(rss) = procstat::rss_bytes(*pid) {
+                        rss_peak[i] = rss_peak[i].max(rss);
+                    }
+                }
+                if slow_count > 0 && slow_all_gone_at.is_none() && now > slow_stop {
+                    let gone = slow_disconnects(&servers).await;
+                    if gone.is_some_and(|g| g >= slow_count as u64) {
+                        slow_all_gone_at = Some((now - slow_stop) as f64 / 1e9);
+                    }
+                }
+                if total_delivered_ticks != last_total {
+                    last_total = total_delivered_ticks;
+                    last_change = now;
+                }
+                // Publishing is over: stop once deliveries have been still for a second (or at the deadline).
+                if now >= publish_end && (now >= drain_deadline || now - last_change >= 1_000_000_000) {
+                    break;
+                }
+            }
+        }
+    }
+    // Keep the drain's tail only while something was still arriving.
+    while timeline
+        .last()
+        .is_some_and(|p| p.t > scenario.duration_secs && p.delivered_per_sec == 0.0)
+    {
+        timeline.pop();
+    }
+    let elapsed = (publish_end - publish_start) as f64 / 1e9;
+    let cpu_end: Vec<f64> = pids
+        .iter()
+        .map(|(_, pid)| procstat::cpu_secs(*pid).unwrap_or(0.0))
+        .collect();
+    let harness_cpu_end: f64 = harness_pids
+        .iter()
+        .filter_map(|p| procstat::cpu_secs(*p))
+        .sum();
+    let publish = finish_publishers(publishers, scenario, &sent).await;
+    bar.finish_and_clear();
+
+    // === stop and gather ===
+    let sent_counts: Vec<u64> = sent.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    for p in &mut procs {
+        p.send(&Command::Stop {
+            sent: sent_counts.clone(),
+        })
+        .await?;
+    }
+    let mut finals: Vec<Option<FinalReport>> = vec![None; workers];
+    while finals.iter().any(Option::is_none) {
+        let (w, event) = tokio::time::timeout(
+            Duration::from_secs(30),
+            next_event(&mut events, &mut servers),
+        )
+        .await
+        .map_err(|_| anyhow!("workers did not report within 30 s of stop"))??;
+        match event {
+            Event::Final(report) => finals[w] = Some(report),
+            Event::Fatal(e) => bail!("worker {w}: {e}"),
+            _ => {}
+        }
+    }
+    let finals: Vec<FinalReport> = finals.into_iter().flatten().collect();
+    for mut p in procs {
+        let _ = tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await;
+        let _ = p.child.kill().await;
+    }
+    let slow_final = slow_disconnects(&servers).await;
+
+    // === judge ===
+    let mut delivery = DeliveryFigures::default();
+    let (mut same, mut cross, mut all) =
+        (Latency::default(), Latency::default(), Latency::default());
+    let mut churn = ChurnFigures {
+        per_second: scenario.churn.per_second,
+        ..ChurnFigures::default()
+    };
+    let mut churn_latency = Latency::default();
+    let mut worker_cpu = 0.0;
+    for f in &finals {
+        delivery.delivered += f.delivered;
+        delivery.lost += f.lost;
+        delivery.streams_with_loss += f.streams_with_loss;
+        delivery.duplicates += f.duplicates;
+        delivery.reordered += f.reordered;
+        delivery.disconnected += f.disconnected;
+        delivery.unparsed_or_misrouted += f.unparsed;
+        delivery.other += f.delivered_other;
+        for &(code, n) in &f.close_codes {
+            match delivery.close_codes.iter_mut().find(|(c, _)| *c == code) {
+                Some((_, m)) => *m += n,
+                None => delivery.close_codes.push((code, n)),
+            }
+        }
+        same.add_wire(&f.same_node);
+        cross.add_wire(&f.cross_node);
+        churn.connected += f.churn_connected;
+        churn.failed += f.churn_failed;
+        churn_latency.add_wire(&f.churn_to_ack);
+        worker_cpu += f.cpu_secs;
+    }
+    let _ = worker_cpu;
+    all.add(&same);
+    all.add(&cross);
+    churn.time_to_ack = churn_latency.percentiles();
+    delivery.expected = delivery.delivered - delivery.duplicates + delivery.lost;
+    delivery.loss_share = if delivery.expected > 0 {
+        delivery.lost as f64 / delivery.expected as f64
+    } else {
+        0.0
+    };
+    delivery.delivered_per_sec = delivery.delivered as f64 / elapsed.max(1e-9);
+
+    let client_pids = servers.nodes.iter().filter(|n| n.pid.is_some()).count();
+    let server_usage: Vec<ServerUsage> = pids
+        .iter()
+        .enumerate()
+        .map(|(i, (name, pid))| ServerUsage {
+            name: name.clone(),
+            pid: *pid,
+            rss_before_connect: rss_before[i],
+            rss_connected: rss_connected[i],
+            rss_peak: rss_peak[i],
+            cpu_percent: (cpu_end[i] - cpu_start[i]) / elapsed * 100.0,
+        })
+        .collect();
+    let subscribed = connect.subscribed as f64;
+    let memory = MemoryFigures {
+        rss_per_connection_bytes: (client_pids == servers.nodes.len() && subscribed > 0.0).then(
+            || {
+                let delta: i64 = (0..client_pids)
+                    .map(|i| rss_connected[i] as i64 - rss_before[i] as i64)
+                    .sum();
+                delta as f64 / subscribed
+            },
+        ),
+        kernel_tcp_per_connection_bytes: match (sock_before, sock_connected) {
+            (Some(a), Some(b)) if subscribed > 0.0 => Some((b as f64 - a as f64) / subscribed),
+            _ => None,
+        },
+    };
+
+    let mut failures = Vec::new();
+    let pass = &scenario.pass;
+    let connections = scenario.connections() as f64;
+    if connect.failed as f64 > pass.max_connect_failures * connections {
+        failures.push(format!(
+            "{} of {} connections failed to connect or subscribe (first: {})",
+            connect.failed,
+            scenario.connections(),
+            connect.errors.first().map_or("?", String::as_str)
+        ));
+    }
+    if !publish.errors.is_empty() {
+        failures.push(format!("publishing failed: {}", publish.errors.join("; ")));
+    }
+    if delivery.loss_share > pass.max_loss {
+        failures.push(format!(
+            "lost {} of {} expected deliveries ({:.4}%) on {} (room, publisher) streams; allowed {:.4}%",
+            delivery.lost,
+            delivery.expected,
+            delivery.loss_share * 100.0,
+            delivery.streams_with_loss,
+            pass.max_loss * 100.0
+        ));
+    }
+    if pass.exact_order && (delivery.duplicates > 0 || delivery.reordered > 0) {
+        failures.push(format!(
+            "{} duplicate and {} reordered deliveries",
+            delivery.duplicates, delivery.reordered
+        ));
+    }
+    if delivery.unparsed_or_misrouted > 0 {
+        failures.push(format!(
+            "{} deliveries were unreadable or for a room the subscriber did not subscribe to",
+            delivery.unparsed_or_misrouted
+        ));
+    }
+    let report = RunReport {
+        scenario: scenario.clone(),
+        target: opts.target.name().to_owned(),
+        publish_api: match opts.publish_api {
+            PublishApi::Grpc => "gRPC",
+            PublishApi::Http => "HTTP",
+        }
+        .to_owned(),
+        started_at,
+        machine: Machine::describe(),
+        nodes: servers.nodes.len(),
+        workers,
+        connect,
+        publish,
+        delivery,
+        latency: LatencyFigures {
+            all: all.percentiles(),
+            same_node: same.percentiles(),
+            cross_node: cross.percentiles(),
+        },
+        churn: (scenario.churn.per_second > 0.0).then_some(churn),
+        slow_consumers: SlowFigures {
+            slow_consumers: slow_count,
+            server_disconnects: slow_final,
+            all_disconnected_after_secs: slow_all_gone_at,
+        },
+        servers: server_usage,
+        memory,
+        harness_cpu_percent: (harness_cpu_end - harness_cpu_start) / elapsed * 100.0,
+        timeline,
+        passed: failures.is_empty(),
+        failures,
+    };
+    report.write(&opts.out)?;
+    drop(servers);
+    Ok(report)
+}
+
+// === servers ===
+
+/// Waits until a publish from every node reaches a subscriber on every node (so a cluster's interest has
+/// propagated), or fails after 30 s.
+async fn probe(opts: &RunOptions, servers: &Servers) -> anyhow::Result<()> {
+    const PROBE_ROOM: u32 = u32::MAX;
+    let nodes = &servers.nodes;
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let seen = Rc::new(RefCell::new(vec![vec![false; nodes.len()]; nodes.len()]));
+            let driver = HeraldDriver {
+                query: opts.ws_query.clone(),
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            for (i, node) in nodes.iter().enumerate() {
+                let mut client = loop {
+                    let attempt = async {
+                        let mut c = driver
+                            .connect(node.ws, IpAddr::V4(Ipv4Addr::LOCALHOST))
+                            .await?;
+                        c.subscribe(PROBE_ROOM, false).await?;
+                        anyhow::Ok(c)
+                    };
+                    match attempt.await {
+                        Ok(c) => break c,
+                        Err(e) if tokio::time::Instant::now() > deadline => {
+                            return Err(e.context(format!("probe subscriber on {}", node.name)))
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                };
+                let seen = seen.clone();
+                tokio::task::spawn_local(async move {
+                    while let Ok(incoming) = client.recv().await {
+                        if let Incoming::Payload(h) = incoming {
+                            if let Some(slot) = seen.borrow_mut()[i].get_mut(usize::from(h.node)) {
+                                *slot = true;
+                            }
+                        }
+                    }
+                });
+            }
+            let mut publishers = Vec::new();
+            for node in nodes {
+                let grpc = node
+                    .grpc
+                    .ok_or_else(|| anyhow!("{} has no gRPC address", node.name));
+                publishers.push(match opts.publish_api {
+                    PublishApi::Grpc => AnyPublisher::Grpc(
+                        GrpcPublisher::connect(grpc?, servers.api_key.as_deref()).await?,
+                    ),
+                    PublishApi::Http => AnyPublisher::Http(
+                        HttpPublisher::connect(node.ws, servers.api_key.as_deref()).await?,
+                    ),
+                });
+            }
+            for seq in 0u64.. {
+                let all_seen = seen.borrow().iter().all(|row| row.iter().all(|s| *s));
+                if all_seen {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "publishes did not reach every node within 30 s (seen: {:?})",
+                        seen.borrow()
+                    );
+                }
+                for (n, p) in publishers.iter_mut().enumerate() {
+                    let mut data = Vec::new();
+                    encode(
+                        &Header {
+                            node: n as u16,
+                            publisher: 0,
+                            room: PROBE_ROOM,
+                            seq,
+                            intended_ns: now_ns(),
+                        },
+                        0,
+                        &mut data,
+                    );
+                    p.publish(PROBE_ROOM, data).await?;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for p in publishers {
+                p.finish().await?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+async fn slow_disconnects(servers: &Servers) -> Option<u64> {
+    let mut total = 0.0;
+    for node in &servers.nodes {
+        let body = server::http_get(node.ws, "/metrics").await.ok()?;
+        total += server::metric_sum(&body, "herald_slow_consumer_disconnects_total");
+    }
+    Some(total as u64)
+}
+
+// === workers ===
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl WorkerProc {
+    async fn send(&mut self, command: &Command) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(command)?;
+        line.push(b'\n');
+        self.stdin
+            .write_all(&line)
+            .await
+            .context("a worker went away")?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+}
+
+async fn spawn_worker(
+    w: usize,
+    plan: &Plan,
+    events: mpsc::UnboundedSender<(usize, anyhow::Result<Event>)>,
+) -> anyhow::Result<WorkerProc> {
+    let exe = std::env::current_exe().context("cannot locate this executable")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("worker")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start a worker process")?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        bail!("worker pipes missing");
+    };
+    let mut line = serde_json::to_vec(plan)?;
+    line.push(b'\n');
+    stdin.write_all(&line).await?;
+    stdin.flush().await?;
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            let event = match lines.next_line().await {
+                Ok(Some(line)) => serde_json::from_str::<Event>(&line)
+                    .map_err(|e| anyhow!("unreadable worker line ({e}): {line}")),
+                Ok(None) => Err(anyhow!("the worker exited")),
+                Err(e) => Err(anyhow!("reading the worker: {e}")),
+            };
+            let end = event.is_err();
+            if events.send((w, event)).is_err() || end {
+                return;
+            }
+        }
+    });
+    Ok(WorkerProc { child, stdin })
+}
+
+async fn next_event(
+    events: &mut mpsc::UnboundedReceiver<(usize, anyhow::Result<Event>)>,
+    servers: &mut Servers,
+) -> anyhow::Result<(usize, Event)> {
+    let (w, event) = events
+        .recv()
+        .await
+        .ok_or_else(|| anyhow!("every worker is gone"))?;
+    servers.check_alive()?;
+    Ok((w, event.with_context(|| format!("worker {w}"))?))
+}
+
+fn connect_figures(scenario: &Scenario, reports: &[ConnectReport], start: u64) -> ConnectFigures {
+    let mut connect = Latency::default();
+    let mut to_ack = Latency::default();
+    let mut figures = ConnectFigures {
+        connections: scenario.connections(),
+        ..ConnectFigures::default()
+    };
+    let mut last = start;
+    for r in reports {
+        figures.subscribed += r.subscribed;
+        figures.failed += r.failed;
+        for e in &r.errors {
+            if figures.errors.len() < 5 {
+                figures.errors.push(e.clone());
+            }
+        }
+        connect.add_wire(&r.connect);
+        to_ack.add_wire(&r.to_ack);
+        last = last.max(r.last_ack_ns);
+    }
+    figures.connect = connect.percentiles();
+    figures.time_to_ack = to_ack.percentiles();
+    let secs = (last.saturating_sub(start)) as f64 / 1e9;
+    figures.subscribes_per_sec = if secs > 0.0 {
+        figures.subscribed as f64 / secs
+    } else {
+        0.0
+    };
+    figures
+}
+
+// === publishers ===
+
+/// The publisher kinds, so one generic task loop serves them all.
+enum AnyPublisher {
+    Grpc(GrpcPublisher),
+    Http(HttpPublisher),
+}
+
+impl Publisher for AnyPublisher {
+    async fn publish(&mut self, room: u32, data: Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            AnyPublisher::Grpc(p) => p.publish(room, data).await,
+            AnyPublisher::Http(p) => p.publish(room, data).await,
+        }
+    }
+
+    async fn finish(self) -> anyhow::Result<Option<u64>> {
+        match self {
+            AnyPublisher::Grpc(p) => p.finish().await,
+            AnyPublisher::Http(p) => p.finish().await,
+        }
+    }
+}
+
+struct PublisherOutcome {
+    accepted: Option<u64>,
+    max_lag_ns: u64,
+    last_send_ns: u64,
+}
+
+type PublisherHandle = tokio::task::JoinHandle<anyhow::Result<PublisherOutcome>>;
+
+/// Connects every publisher; their schedules get start and end times once all are connected.
+async fn connect_publishers(
+    opts: &RunOptions,
+    servers: &Servers,
+) -> anyhow::Result<Vec<(AnyPublisher, Schedule)>> {
+    let scenario = &opts.scenario;
+    if scenario.publish.rate <= 0.0 {
+        return Ok(Vec::new());
+    }
+    let per_publisher = scenario.publish.rate / scenario.publish.publishers as f64;
+    let mut handles = Vec::new();
+    for p in 0..scenario.publish.publishers {
+        let node_index = scenario.publisher_node(p);
+        let node = &servers.nodes[node_index];
+        let publisher = match opts.publish_api {
+            PublishApi::Grpc => {
+                let grpc = node.grpc.ok_or_else(|| {
+                    anyhow!("{} has no gRPC address (--edge HTTP/GRPC)", node.name)
+                })?;
+                AnyPublisher::Grpc(GrpcPublisher::connect(grpc, servers.api_key.as_deref()).await?)
+            }
+            PublishApi::Http => AnyPublisher::Http(
+                HttpPublisher::connect(node.ws, servers.api_key.as_deref()).await?,
+            ),
+        };
+        let schedule = Schedule {
+            publisher: p as u32,
+            node: node_index as u16,
+            rooms: scenario.publisher_rooms(p),
+            interval_ns: (1e9 / per_publisher) as u64,
+            start: 0,
+            end: 0,
+            payload_bytes: scenario.publish.payload_bytes,
+        };
+        handles.push((publisher, schedule));
+    }
+    Ok(handles)
+}
+
+struct Schedule {
+    publisher: u32,
+    node: u16,
+    rooms: Vec<u32>,
+    interval_ns: u64,
+    start: u64,
+    end: u64,
+    payload_bytes: usize,
+}
+
+/// Open loop: message k is due at `start + k * interval` and carries that time, whenever it actually goes out.
+/// A publisher that falls behind sends its backlog at once rather than skipping it, so server stalls show up as
+/// latency instead of as a lower send rate (coordinated omission).
+async fn publish_loop<P: Publisher>(
+    mut publisher: P,
+    s: Schedule,
+    sent: Arc<Vec<AtomicU64>>,
+) -> anyhow::Result<PublisherOutcome> {
+    let mut seqs = vec![0u64; s.rooms.len()];
+    let mut max_lag_ns = 0;
+    let mut last_send_ns = s.start;
+    let mut data = Vec::with_capacity(s.payload_bytes + 64);
+    for k in 0u64.. {
+        let intended = s.start + k * s.interval_ns.max(1);
+        if intended >= s.end {
+            break;
+        }
+        let now = now_ns();
+        if intended > now {
+            tokio::time::sleep(Duration::from_nanos(intended - now)).await;
+        } else {
+            max_lag_ns = max_lag_ns.max(now - intended);
+        }
+        let slot = k as usize % s.rooms.len();
+        let room = s.rooms[slot];
+        data.clear();
+        encode(
+            &Header {
+                node: s.node,
+                publisher: s.publisher,
+                room,
+                seq: seqs[slot],
+                intended_ns: intended,
+            },
+            s.payload_bytes,
+            &mut data,
+        );
+        publisher.publish(room, data.clone()).await?;
+        seqs[slot] += 1;
+        sent[room as usize].fetch_add(1, Ordering::Relaxed);
+        last_send_ns = now_ns();
+    }
+    let accepted = publisher.finish().await?;
+    Ok(PublisherOutcome {
+        accepted,
+        max_lag_ns,
+        last_send_ns,
+    })
+}
+
+async fn finish_publishers(
+    handles: Vec<PublisherHandle>,
+    scenario: &Scenario,
+    sent: &[AtomicU64],
+) -> PublishFigures {
+    let mut figures = PublishFigures {
+        publishers: if scenario.publish.rate > 0.0 {
+            scenario.publish.publishers
+        } else {
+            0
+        },
+        target_rate: scenario.publish.rate,
+        ..PublishFigures::default()
+    };
+    let mut accepted = Some(0u64);
+    let mut last_send = 0u64;
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(outcome)) => {
+                accepted = accepted.zip(outcome.accepted).map(|(a, b)| a + b);
+                figures.max_schedule_lag_ms = figures
+                    .max_schedule_lag_ms
+                    .max(outcome.max_lag_ns as f64 / 1e6);
+                last_send = last_send.max(outcome.last_send_ns);
+            }
+            Ok(Err(e)) => figures.errors.push(format!("{e:#}")),
+            Err(e) => figures.errors.push(format!("publisher task: {e}")),
+        }
+    }
+    figures.sent = sent.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+    figures.accepted = accepted;
+    figures.achieved_rate = figures.sent as f64 / scenario.duration_secs;
+    if let Some(a) = figures.accepted {
+        if a != figures.sent {
+            figures.errors.push(format!(
+                "sent {} publishes but the server accepted {a}",
+                figures.sent
+            ));
+        }
+    }
+    let _ = last_send;
+    figures
+}

@@ -1,0 +1,504 @@
+//! Scenario files: what a run does, in TOML, and the deterministic plan every process derives from it.
+//!
+//! The coordinator and every worker parse the same scenario and compute the same assignment (which node, room,
+//! wildcard and slow flag each connection has; which rooms each publisher owns) from the connection index alone,
+//! so the coordinator never ships per-connection lists to workers and the loss arithmetic at the end agrees with
+//! what the workers did.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole scenario file. Unknown keys anywhere are errors, so a typo never silently runs the default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Scenario {
+    /// Short name, used in result paths and report titles.
+    pub(crate) name: String,
+    /// What the scenario measures, printed in the report.
+    #[serde(default)]
+    pub(crate) description: String,
+    /// Seconds of publishing (or of holding idle connections when nothing publishes).
+    pub(crate) duration_secs: f64,
+    /// Seconds at the start of publishing whose latencies are not recorded (loss still counts).
+    #[serde(default)]
+    pub(crate) warmup_secs: f64,
+    /// The longest wait for in-flight deliveries after the last publish.
+    #[serde(default = "default_drain")]
+    pub(crate) drain_secs: f64,
+    /// The server side: how many edge nodes the harness starts, or expects when attaching.
+    #[serde(default)]
+    pub(crate) cluster: ClusterSpec,
+    pub(crate) clients: ClientSpec,
+    #[serde(default)]
+    pub(crate) publish: PublishSpec,
+    #[serde(default)]
+    pub(crate) churn: ChurnSpec,
+    #[serde(default)]
+    pub(crate) slow_consumers: SlowSpec,
+    #[serde(default)]
+    pub(crate) pass: PassSpec,
+}
+
+fn default_drain() -> f64 {
+    5.0
+}
+
+/// The cluster a self-started run uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClusterSpec {
+    /// Edge nodes. One node runs `herald dev`; more run `registries` registry members and `nodes` edges.
+    pub(crate) nodes: usize,
+    /// Registry members when `nodes` > 1.
+    #[serde(default = "default_registries")]
+    pub(crate) registries: usize,
+}
+
+fn default_registries() -> usize {
+    3
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            nodes: 1,
+            registries: default_registries(),
+        }
+    }
+}
+
+/// The stable subscribers: each connection subscribes to one room and stays for the whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientSpec {
+    /// Subscriber connections. Must be a multiple of `rooms`: `connections / rooms` members per room.
+    pub(crate) connections: usize,
+    /// Rooms; connection `i` subscribes to room `i % rooms`.
+    pub(crate) rooms: usize,
+    /// Share (0..=1) of connections that subscribe with a wildcard pattern matching exactly their room
+    /// (`{"lt":"7","shard":"*"}` where publishes go to `{"lt":"7","shard":"0"}`), so wildcards exercise the
+    /// server's wildcard matching without changing how many deliveries a publish makes.
+    #[serde(default)]
+    pub(crate) wildcard_share: f64,
+    /// Seconds over which connections are opened at a steady rate (0: all at once).
+    #[serde(default)]
+    pub(crate) ramp_up_secs: f64,
+    /// Node indexes subscribers connect to, round-robin over each room's members. Empty: every node.
+    #[serde(default)]
+    pub(crate) nodes: Vec<usize>,
+    /// Worker processes holding the connections (default: enough for 10,000 connections each, at least 2 when
+    /// there are 2,000 or more, so the delivery parsing uses both cores).
+    #[serde(default)]
+    pub(crate) workers: Option<usize>,
+}
+
+/// The publishers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishSpec {
+    /// Publisher connections (gRPC streams or HTTP connections); publisher `p` owns rooms `r % publishers == p`.
+    #[serde(default = "one")]
+    pub(crate) publishers: usize,
+    /// Publishes per second over all publishers (0: no publishing, e.g. idle memory).
+    #[serde(default)]
+    pub(crate) rate: f64,
+    /// Bytes of each publish's `data` JSON (a string carrying the header, padded).
+    #[serde(default = "default_payload")]
+    pub(crate) payload_bytes: usize,
+    /// How publishes reach the server.
+    #[serde(default)]
+    pub(crate) api: PublishApi,
+    /// Node indexes publishers use, round-robin. Empty: every node.
+    #[serde(default)]
+    pub(crate) nodes: Vec<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_payload() -> usize {
+    64
+}
+
+impl Default for PublishSpec {
+    fn default() -> Self {
+        PublishSpec {
+            publishers: 1,
+            rate: 0.0,
+            payload_bytes: default_payload(),
+            api: PublishApi::default(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+/// The publish API (herald: gRPC `PublishStream` or HTTP `POST /api/v1/publish`; peers use their own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PublishApi {
+    /// One client-streaming `PublishStream` per publisher: truly open loop.
+    #[default]
+    Grpc,
+    /// One HTTP/1.1 connection per publisher awaiting each answer (the order guarantee needs that).
+    Http,
+}
+
+/// Connection churn while publishing: short-lived clients that connect, subscribe, stay and leave.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ChurnSpec {
+    /// New churn connections per second (0: none).
+    #[serde(default)]
+    pub(crate) per_second: f64,
+    /// How long each churn connection stays subscribed.
+    #[serde(default)]
+    pub(crate) hold_ms: u64,
+}
+
+/// Slow consumers: subscribers that stop reading their socket while publishing goes on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SlowSpec {
+    /// Share (0..=1) of subscriber connections that stop reading.
+    #[serde(default)]
+    pub(crate) share: f64,
+    /// Seconds after publishing starts at which they stop.
+    #[serde(default)]
+    pub(crate) stop_after_secs: f64,
+}
+
+/// When a run counts as failed (exit status 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PassSpec {
+    /// Largest tolerated share of expected deliveries to stable subscribers that never arrived.
+    #[serde(default)]
+    pub(crate) max_loss: f64,
+    /// Fail on any duplicate or reordered delivery.
+    #[serde(default = "yes")]
+    pub(crate) exact_order: bool,
+    /// Largest tolerated share of stable connections that failed to connect or subscribe.
+    #[serde(default)]
+    pub(crate) max_connect_failures: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for PassSpec {
+    fn default() -> Self {
+        PassSpec {
+            max_loss: 0.0,
+            exact_order: true,
+            max_connect_failures: 0.0,
+        }
+    }
+}
+
+/// What one subscriber connection does, derived from its index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SubscriberPlan {
+    pub(crate) node: usize,
+    pub(crate) room: u32,
+    pub(crate) wildcard: bool,
+    pub(crate) slow: bool,
+}
+
+/// Why a scenario file is unusable.
+#[derive(Debug)]
+pub(crate) struct ScenarioError(pub(crate) String);
+
+impl std::fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub(crate) fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError(format!("cannot read {}: {e}", path.display())))?;
+        Scenario::parse(&text).map_err(|e| ScenarioError(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and validates scenario text.
+    pub(crate) fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        let scenario: Scenario = toml::from_str(text).map_err(|e| ScenarioError(e.to_string()))?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    fn validate(&self) -> Result<(), ScenarioError> {
+        let fail = |msg: String| Err(ScenarioError(msg));
+        let finite_nonneg = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(ScenarioError(format!(
+                    "{name} must be a finite number >= 0, got {v}"
+                )))
+            }
+        };
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return fail(format!(
+                "name must be non-empty letters, digits, '-' or '_' (it names result files), got {:?}",
+                self.name
+            ));
+        }
+        finite_nonneg("duration_secs", self.duration_secs)?;
+        finite_nonneg("warmup_secs", self.warmup_secs)?;
+        finite_nonneg("drain_secs", self.drain_secs)?;
+        finite_nonneg("clients.ramp_up_secs", self.clients.ramp_up_secs)?;
+        finite_nonneg("publish.rate", self.publish.rate)?;
+        finite_nonneg("churn.per_second", self.churn.per_second)?;
+        finite_nonneg(
+            "slow_consumers.stop_after_secs",
+            self.slow_consumers.stop_after_secs,
+        )?;
+        for (name, share) in [
+            ("clients.wildcard_share", self.clients.wildcard_share),
+            ("slow_consumers.share", self.slow_consumers.share),
+            ("pass.max_loss", self.pass.max_loss),
+            ("pass.max_connect_failures", self.pass.max_connect_failures),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return fail(format!("{name} is a share between 0 and 1, got {share}"));
+            }
+        }
+        if self.duration_secs <= 0.0 {
+            return fail("duration_secs must be above 0".into());
+        }
+        if self.duration_secs > 3600.0 {
+            return fail("duration_secs is at most 3600: every run is bounded in time".into());
+        }
+        if self.warmup_secs >= self.duration_secs && self.publish.rate > 0.0 {
+            return fail("warmup_secs must be shorter than duration_secs".into());
+        }
+        if self.cluster.nodes == 0 || self.cluster.nodes > 16 {
+            return fail(format!(
+                "cluster.nodes must be 1..=16, got {}",
+                self.cluster.nodes
+            ));
+        }
+        if self.cluster.nodes > 1 && !(1..=7).contains(&self.cluster.registries) {
+            return fail("cluster.registries must be 1..=7".into());
+        }
+        let c = &self.clients;
+        if c.rooms == 0 {
+            return fail("clients.rooms must be at least 1".into());
+        }
+        if c.connections == 0 || c.connections % c.rooms != 0 {
+            return fail(format!(
+                "clients.connections ({}) must be a positive multiple of clients.rooms ({})",
+                c.connections, c.rooms
+            ));
+        }
+        if c.connections > 200_000 {
+            return fail("clients.connections is at most 200,000".into());
+        }
+        if c.workers == Some(0) {
+            return fail("clients.workers must be at least 1".into());
+        }
+        if let Some(w) = c.workers {
+            if c.connections.div_ceil(w) > MAX_CONNECTIONS_PER_WORKER {
+                return fail(format!(
+                    "{w} workers would hold more than {MAX_CONNECTIONS_PER_WORKER} connections each \
+                     (one process may hold 20,000 files here)"
+                ));
+            }
+        }
+        for (name, nodes) in [
+            ("clients.nodes", &c.nodes),
+            ("publish.nodes", &self.publish.nodes),
+        ] {
+            if let Some(bad) = nodes.iter().find(|&&n| n >= self.cluster.nodes) {
+                return fail(format!(
+                    "{name} names node {bad} but cluster.nodes is {}",
+                    self.cluster.nodes
+                ));
+            }
+        }
+        let p = &self.publish;
+        if p.rate > 0.0 {
+            if p.publishers == 0 || p.publishers > c.rooms {
+                return fail(format!(
+                    "publish.publishers must be 1..=clients.rooms ({}), so each room has one publisher",
+                    c.rooms
+                ));
+            }
+            if p.payload_bytes > 1 << 20 {
+                return fail("publish.payload_bytes is at most 1 MiB".into());
+            }
+        }
+        if self.churn.per_second > 0.0 && self.churn.hold_ms == 0 {
+            return fail("churn.hold_ms must be above 0 when churn.per_second is set".into());
+        }
+        Ok(())
+    }
+
+    /// Stable subscriber connections.
+    pub(crate) fn connections(&self) -> usize {
+        self.clients.connections
+    }
+
+    /// Members of each room.
+    pub(crate) fn members_per_room(&self) -> usize {
+        self.clients.connections / self.clients.rooms
+    }
+
+    /// Worker processes for the subscribers.
+    pub(crate) fn workers(&self) -> usize {
+        self.clients.workers.unwrap_or_else(|| {
+            let by_fds = self.connections().div_ceil(MAX_CONNECTIONS_PER_WORKER);
+            let by_cpu = if self.connections() >= 2_000 { 2 } else { 1 };
+            by_fds.max(by_cpu)
+        })
+    }
+
+    /// The connection index range worker `w` holds.
+    pub(crate) fn worker_range(&self, w: usize) -> std::ops::Range<usize> {
+        let n = self.connections();
+        let per = n.div_ceil(self.workers());
+        (w * per).min(n)..((w + 1) * per).min(n)
+    }
+
+    fn client_nodes(&self) -> Vec<usize> {
+        nodes_or_all(&self.clients.nodes, self.cluster.nodes)
+    }
+
+    /// Where and how connection `i` subscribes. Members of a room are spread over the client nodes, so every
+    /// room has subscribers on every node (same-edge and cross-edge deliveries for each publish).
+    pub(crate) fn subscriber(&self, i: usize) -> SubscriberPlan {
+        let nodes = self.client_nodes();
+        let rooms = self.clients.rooms;
+        let member = i / rooms;
+        SubscriberPlan {
+            node: nodes[member % nodes.len()],
+            room: (i % rooms) as u32,
+            wildcard: spread(i as u64, 0x9e37_79b9) < self.clients.wildcard_share,
+            slow: spread(i as u64, 0x85eb_ca6b) < self.slow_consumers.share,
+        }
+    }
+
+    /// The node publisher `p` publishes through.
+    pub(crate) fn publisher_node(&self, p: usize) -> usize {
+        let nodes = nodes_or_all(&self.publish.nodes, self.cluster.nodes);
+        nodes[p % nodes.len()]
+    }
+
+    /// The rooms publisher `p` owns (exactly one publisher per room, so per-(room, publisher) order is defined).
+    pub(crate) fn publisher_rooms(&self, p: usize) -> Vec<u32> {
+        (0..self.clients.rooms as u32)
+            .filter(|r| *r as usize % self.publish.publishers == p)
+            .collect()
+    }
+
+    /// The publisher that owns room `r`.
+    pub(crate) fn room_publisher(&self, r: u32) -> usize {
+        r as usize % self.publish.publishers.max(1)
+    }
+}
+
+/// One process may hold 20,000 files here; leave room for the runtime's own.
+pub(crate) const MAX_CONNECTIONS_PER_WORKER: usize = 19_500;
+
+fn nodes_or_all(nodes: &[usize], count: usize) -> Vec<usize> {
+    if nodes.is_empty() {
+        (0..count).collect()
+    } else {
+        nodes.to_vec()
+    }
+}
+
+/// A deterministic value in [0, 1) for index `i`, well spread so a 1% share picks every ~100th connection in a
+/// scattered pattern rather than the first 1% (which would all share a node and a room).
+fn spread(i: u64, salt: u64) -> f64 {
+    let mut x = i.wrapping_add(salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 29;
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        name = "t"
+        duration_secs = 2
+        [clients]
+        connections = 12
+        rooms = 3
+        [publish]
+        rate = 10
+    "#;
+
+    #[test]
+    fn parses_minimal_with_defaults() {
+        let s = Scenario::parse(MINIMAL).unwrap();
+        assert_eq!(s.members_per_room(), 4);
+        assert_eq!(s.publish.payload_bytes, 64);
+        assert_eq!(s.publish.api, PublishApi::Grpc);
+        assert_eq!(s.workers(), 1);
+        assert_eq!(s.worker_range(0), 0..12);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let text = MINIMAL.replace("rooms = 3", "rooms = 3\nmembers = 4");
+        let err = Scenario::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("members"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        for (from, to, needle) in [
+            ("connections = 12", "connections = 13", "multiple"),
+            ("rate = 10", "rate = -1", "publish.rate"),
+            ("name = \"t\"", "name = \"a/b\"", "name"),
+            ("duration_secs = 2", "duration_secs = 99999", "bounded"),
+        ] {
+            let err = Scenario::parse(&MINIMAL.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn members_of_a_room_spread_over_nodes() {
+        let text = MINIMAL.replace("[clients]", "[cluster]\nnodes = 3\n[clients]");
+        let s = Scenario::parse(&text).unwrap();
+        let nodes: Vec<usize> = (0..12)
+            .filter(|i| s.subscriber(*i).room == 0)
+            .map(|i| s.subscriber(i).node)
+            .collect();
+        assert_eq!(nodes, vec![0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn shipped_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut count = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Scenario::load(&path).unwrap();
+                count += 1;
+            }
+        }
+        assert!(count >= 6);
+    }
+}
