@@ -157,6 +157,7 @@ impl RegistryLink {
     ) {
         use std::sync::atomic::Ordering::SeqCst;
         let mut backoff = Backoff::new();
+        let mut updates = self.client.interest_updates(&self.identity.edge_id);
         loop {
             if needs_register.load(SeqCst) {
                 // Registration sends the full interest; nothing to do until it has.
@@ -175,13 +176,8 @@ impl RegistryLink {
             if batch.is_empty() {
                 continue;
             }
-            match self
-                .client
-                .update_interest(
-                    &self.identity.edge_id,
-                    batch.add.clone(),
-                    batch.remove.clone(),
-                )
+            match updates
+                .update(batch.add.clone(), batch.remove.clone())
                 .await
             {
                 Ok(InterestOutcome::Committed(_)) => backoff.reset(),

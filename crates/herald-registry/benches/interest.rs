@@ -1,8 +1,18 @@
 //! Registry interest throughput and commit latency: a 3-member registry in this process (real gRPC between the
-//! members on loopback, durable stores in temp directories), 64 registered edges, and one task per edge sending
-//! `update_interest` calls back to back through its own [`RegistryClient`] for a fixed time. Each call carries K
-//! room changes, alternately adding and removing K of the edge's own rooms. The latency of a call is the commit
-//! latency the edge sees: from sending the call to the leader's answer that the batch holding it committed.
+//! members on loopback, durable stores in temp directories), 64 registered edges, and one task per edge, each
+//! with its own [`RegistryClient`], sending interest updates the way an edge does: one update in flight, over
+//! the edge's interest stream (`HERALD_BENCH_PATH=unary` uses one unary call per update instead). The latency of
+//! an update is the commit latency the edge sees: from sending it to the leader's answer that the raft entry
+//! holding it committed.
+//!
+//! Two kinds of run:
+//! - *Saturation* (closed loop): each edge sends updates of K room changes back to back, alternately adding
+//!   and removing K of its own rooms. Throughput is the most the registry commits; latency is mostly queueing.
+//! - *Offered rate* (open loop): room changes arise at each edge on a fixed schedule (the total rate split over
+//!   the edges), and each edge sends whatever has arisen whenever its previous update has been answered, as
+//!   `registry_link` does (waiting `FLUSH` first when it was idle). Besides commit latency, this reports each
+//!   change's latency from the moment it arose on schedule to its commit, so a stalled registry shows as
+//!   latency rather than as fewer requests (no coordinated omission).
 //!
 //! Not a criterion benchmark: it is a throughput/latency run that prints a Markdown table.
 //!
@@ -12,8 +22,10 @@
 //! ```
 //!
 //! Environment: `HERALD_BENCH_SECS` (measured seconds, default 10), `HERALD_BENCH_WARMUP_SECS` (default 2),
-//! `HERALD_BENCH_EDGES` (default 64), `HERALD_BENCH_K` (comma-separated changes per call, default `1,16`).
-//! Without `--bench` (as `cargo test --all-targets` runs it) it does a one-second smoke run with K = 1.
+//! `HERALD_BENCH_EDGES` (default 64), `HERALD_BENCH_K` (comma-separated changes per update for saturation runs,
+//! default `1,16`; empty for none), `HERALD_BENCH_RATES` (comma-separated offered changes/s, default `50000`;
+//! empty for none), `HERALD_BENCH_PATH` (`stream`, the default, or `unary`).
+//! Without `--bench` (as `cargo test --all-targets` runs it) it does a one-second smoke run of each kind.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,20 +34,43 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 
 use herald_registry::{
-    ClusterSecret, InterestOutcome, NodeId, RegistryClient, RegistryConfig, RegistryHandle,
+    ClientError, ClusterSecret, InterestOutcome, InterestUpdates, NodeId, RegistryClient,
+    RegistryConfig, RegistryHandle,
 };
 
 const SECRET: &str = "registry-interest-bench-secret";
-/// Rooms each edge cycles through; it holds at most K of them at any time.
-const ROOMS_PER_EDGE: usize = 256;
+/// Rooms each edge cycles through. An offered-rate update carries at most this many changes, so one update
+/// never adds and removes the same room.
+const ROOMS_PER_EDGE: usize = 1024;
 /// How long starting the cluster and registering the edges may take.
 const SETUP_BUDGET: Duration = Duration::from_secs(30);
+/// What an idle edge waits for more changes before sending (the default `cluster.interest-flush-ms`).
+const FLUSH: Duration = Duration::from_millis(5);
+
+/// Which API the edges send their updates with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    /// `InterestStream`, one long-lived stream per edge (what edges use).
+    Stream,
+    /// One `UpdateInterest` call per update.
+    Unary,
+}
+
+/// What one run drives.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    /// Updates of `k` changes, back to back.
+    Saturation { k: usize },
+    /// `rate` room changes per second over all edges, on schedule.
+    Offered { rate: f64 },
+}
 
 struct Settings {
     warmup: Duration,
     measure: Duration,
     edges: usize,
-    ks: Vec<usize>,
+    loads: Vec<Load>,
+    path: Path,
 }
 
 impl Settings {
@@ -50,12 +85,37 @@ impl Settings {
                 .unwrap_or(default);
             Duration::from_secs_f64(value)
         }
-        let (warmup, measure, ks) = if full {
-            (2.0, 10.0, "1,16")
+        fn list(name: &str, default: &str) -> Vec<f64> {
+            let value = std::env::var(name).unwrap_or_else(|_| default.to_string());
+            value
+                .split(',')
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .unwrap_or_else(|e| panic!("{name}: {v:?}: {e}"))
+                })
+                .collect()
+        }
+        let (warmup, measure, ks, rates) = if full {
+            (2.0, 10.0, "1,16", "50000")
         } else {
-            (0.2, 1.0, "1")
+            (0.2, 1.0, "1", "2000")
         };
-        let ks = std::env::var("HERALD_BENCH_K").unwrap_or_else(|_| ks.to_string());
+        let mut loads: Vec<Load> = list("HERALD_BENCH_K", ks)
+            .into_iter()
+            .map(|k| Load::Saturation { k: k as usize })
+            .collect();
+        loads.extend(
+            list("HERALD_BENCH_RATES", rates)
+                .into_iter()
+                .map(|rate| Load::Offered { rate }),
+        );
+        let path = match std::env::var("HERALD_BENCH_PATH").as_deref() {
+            Ok("unary") => Path::Unary,
+            Ok("stream") | Err(_) => Path::Stream,
+            Ok(other) => panic!("HERALD_BENCH_PATH={other:?}: expected stream or unary"),
+        };
         Settings {
             warmup: secs("HERALD_BENCH_WARMUP_SECS", warmup),
             measure: secs("HERALD_BENCH_SECS", measure),
@@ -63,14 +123,8 @@ impl Settings {
                 .ok()
                 .map(|v| v.parse().expect("HERALD_BENCH_EDGES is a number"))
                 .unwrap_or(64),
-            ks: ks
-                .split(',')
-                .map(|k| {
-                    k.trim()
-                        .parse()
-                        .expect("HERALD_BENCH_K is a list of numbers")
-                })
-                .collect(),
+            loads,
+            path,
         }
     }
 }
@@ -135,31 +189,71 @@ impl Cluster {
     }
 }
 
+/// An edge's connection for interest updates, by [`Path`].
+enum Sender {
+    Stream(Box<InterestUpdates>),
+    Unary(RegistryClient, String),
+}
+
+impl Sender {
+    fn new(client: RegistryClient, edge: &str, path: Path) -> Sender {
+        match path {
+            Path::Stream => Sender::Stream(Box::new(client.interest_updates(edge))),
+            Path::Unary => Sender::Unary(client, edge.to_string()),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> Result<InterestOutcome, ClientError> {
+        match self {
+            Sender::Stream(updates) => updates.update(add, remove).await,
+            Sender::Unary(client, edge) => client.update_interest(edge, add, remove).await,
+        }
+    }
+}
+
 /// What one edge's task measured.
 #[derive(Default)]
 struct EdgeResult {
-    /// Latency of each call completed in the measured window, in microseconds.
-    latencies_us: Vec<u32>,
+    /// Commit latency of each update answered in the measured window, in microseconds.
+    update_latencies_us: Vec<u32>,
+    /// Offered rate only: for each change committed in the window, from when it arose to its commit.
+    change_latencies_us: Vec<u32>,
+    /// Room changes committed in the measured window.
+    changes: u64,
     errors: u64,
 }
 
-async fn run_edge(
-    client: RegistryClient,
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+fn rooms_of(edge: &str) -> Vec<String> {
+    (0..ROOMS_PER_EDGE)
+        .map(|i| format!(r#"{{"bench":"{edge}","room":{i}}}"#))
+        .collect()
+}
+
+/// Change `n` of an edge: pass `n / ROOMS_PER_EDGE` over its rooms adds them when even, removes them when odd.
+fn change(rooms: &[String], n: usize) -> (bool, &String) {
+    ((n / ROOMS_PER_EDGE) % 2 == 0, &rooms[n % ROOMS_PER_EDGE])
+}
+
+async fn run_saturating_edge(
+    mut sender: Sender,
     edge: String,
     k: usize,
     measure_from: Instant,
     end: Instant,
 ) -> EdgeResult {
-    let rooms: Vec<String> = (0..ROOMS_PER_EDGE)
-        .map(|i| format!(r#"{{"bench":"{edge}","room":{i}}}"#))
-        .collect();
+    let rooms = rooms_of(&edge);
     let mut result = EdgeResult::default();
     let mut n = 0usize;
-    loop {
-        if Instant::now() >= end {
-            return result;
-        }
-        // Call 2i adds K rooms, call 2i+1 removes the same K; the next pair moves on to the next K rooms.
+    while Instant::now() < end {
+        // Update 2i adds K rooms, update 2i+1 removes the same K; the next pair moves on to the next K rooms.
         let first = (n / 2) * k;
         let batch: Vec<String> = (0..k)
             .map(|j| rooms[(first + j) % ROOMS_PER_EDGE].clone())
@@ -170,20 +264,73 @@ async fn run_edge(
             (Vec::new(), batch)
         };
         let started = Instant::now();
-        let outcome = client.update_interest(&edge, add, remove).await;
+        let outcome = sender.send(add, remove).await;
         let done = Instant::now();
         if done >= measure_from && done < end {
             match outcome {
                 Ok(InterestOutcome::Committed(_)) => {
-                    let us = (done - started).as_micros();
-                    result
-                        .latencies_us
-                        .push(u32::try_from(us).unwrap_or(u32::MAX));
+                    result.update_latencies_us.push(micros(done - started));
+                    result.changes += k as u64;
                 }
                 Ok(InterestOutcome::UnknownEdge) | Err(_) => result.errors += 1,
             }
         }
         n += 1;
+    }
+    result
+}
+
+async fn run_offered_edge(
+    mut sender: Sender,
+    edge: String,
+    interval: Duration,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> EdgeResult {
+    let rooms = rooms_of(&edge);
+    let arises = |n: usize| start + interval.mul_f64(n as f64);
+    let mut result = EdgeResult::default();
+    // The next change not yet sent.
+    let mut next = 0usize;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            return result;
+        }
+        // Changes 0..due have arisen by now.
+        let due = ((now - start).as_secs_f64() / interval.as_secs_f64()) as usize + 1;
+        if due <= next {
+            // Idle: wait for the next change, then let a burst gather, as the edge does.
+            tokio::time::sleep_until(arises(next).into()).await;
+            tokio::time::sleep(FLUSH).await;
+            continue;
+        }
+        let take = (due - next).min(ROOMS_PER_EDGE);
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        for n in next..next + take {
+            match change(&rooms, n) {
+                (true, room) => add.push(room.clone()),
+                (false, room) => remove.push(room.clone()),
+            }
+        }
+        let started = Instant::now();
+        let outcome = sender.send(add, remove).await;
+        let done = Instant::now();
+        if done >= measure_from && done < end {
+            match outcome {
+                Ok(InterestOutcome::Committed(_)) => {
+                    result.update_latencies_us.push(micros(done - started));
+                    result.changes += take as u64;
+                    result
+                        .change_latencies_us
+                        .extend((next..next + take).map(|n| micros(done - arises(n))));
+                }
+                Ok(InterestOutcome::UnknownEdge) | Err(_) => result.errors += 1,
+            }
+        }
+        // A failed update is not retried: the bench counts it and moves on.
+        next += take;
     }
 }
 
@@ -198,28 +345,46 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-struct Row {
-    k: usize,
-    calls: u64,
-    errors: u64,
-    secs: f64,
+struct Percentiles {
     p50: u32,
     p90: u32,
     p99: u32,
     max: u32,
+}
+
+impl Percentiles {
+    fn of(mut values: Vec<u32>) -> Percentiles {
+        values.sort_unstable();
+        let at = |p: f64| {
+            if values.is_empty() {
+                return 0;
+            }
+            let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
+            values[rank.clamp(1, values.len()) - 1]
+        };
+        Percentiles {
+            p50: at(50.0),
+            p90: at(90.0),
+            p99: at(99.0),
+            max: values.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+struct Row {
+    load: Load,
+    updates: u64,
+    changes: u64,
+    errors: u64,
+    secs: f64,
+    commit: Percentiles,
+    /// Offered rate only.
+    change: Option<Percentiles>,
     entries: u64,
     cpu: Option<f64>,
 }
 
-fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-async fn run_once(settings: &Settings, k: usize) -> Row {
+async fn run_once(settings: &Settings, load: Load) -> Row {
     let cluster = Cluster::start().await;
     let setup = async {
         let leader = cluster.leader().await;
@@ -244,11 +409,31 @@ async fn run_once(settings: &Settings, k: usize) -> Row {
     let start = Instant::now();
     let measure_from = start + settings.warmup;
     let end = measure_from + settings.measure;
+    let edge_count = edges.len();
     let tasks: Vec<_> = edges
         .into_iter()
-        .map(|edge| {
+        .enumerate()
+        .map(|(i, edge)| {
             // Each edge has its own client (its own connections), as real edges do.
-            tokio::spawn(run_edge(cluster.client(), edge, k, measure_from, end))
+            let sender = Sender::new(cluster.client(), &edge, settings.path);
+            match load {
+                Load::Saturation { k } => {
+                    tokio::spawn(run_saturating_edge(sender, edge, k, measure_from, end))
+                }
+                Load::Offered { rate } => {
+                    let interval = Duration::from_secs_f64(edge_count as f64 / rate);
+                    // Edges start their schedules spread over one interval, not all in the same instant.
+                    let offset = interval.mul_f64(i as f64 / edge_count as f64);
+                    tokio::spawn(run_offered_edge(
+                        sender,
+                        edge,
+                        interval,
+                        start + offset,
+                        measure_from,
+                        end,
+                    ))
+                }
+            }
         })
         .collect();
 
@@ -259,27 +444,29 @@ async fn run_once(settings: &Settings, k: usize) -> Row {
     let index_after = leader.metrics().borrow().last_log_index.unwrap_or(0);
     let cpu_after = process_cpu();
 
-    let mut latencies = Vec::new();
+    let mut updates = Vec::new();
+    let mut changes = Vec::new();
+    let mut committed = 0;
     let mut errors = 0;
-    // Each task stops at `end` after its call in flight: bounded by the client's retry budget.
+    // Each task stops at `end` after its update in flight: bounded by the client's retry budget.
     for task in tasks {
         let result = task.await.expect("edge task");
-        latencies.extend(result.latencies_us);
+        updates.extend(result.update_latencies_us);
+        changes.extend(result.change_latencies_us);
+        committed += result.changes;
         errors += result.errors;
     }
     cluster.shutdown().await;
 
-    latencies.sort_unstable();
     let secs = settings.measure.as_secs_f64();
     Row {
-        k,
-        calls: latencies.len() as u64,
+        load,
+        updates: updates.len() as u64,
+        changes: committed,
         errors,
         secs,
-        p50: percentile(&latencies, 50.0),
-        p90: percentile(&latencies, 90.0),
-        p99: percentile(&latencies, 99.0),
-        max: latencies.last().copied().unwrap_or(0),
+        commit: Percentiles::of(updates),
+        change: matches!(load, Load::Offered { .. }).then(|| Percentiles::of(changes)),
         entries: index_after.saturating_sub(index_before),
         cpu: cpu_before
             .zip(cpu_after)
@@ -299,50 +486,62 @@ fn main() {
         .build()
         .expect("tokio runtime");
     println!(
-        "registry interest bench: 3 members in-process, {} edges, warm-up {:?}, measured {:?}, {} worker threads",
+        "registry interest bench: 3 members in-process, {} edges over the {:?} path, warm-up {:?}, measured {:?}, {} worker threads",
         settings.edges,
+        settings.path,
         settings.warmup,
         settings.measure,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     let mut rows = Vec::new();
-    for &k in &settings.ks {
-        let row = runtime.block_on(run_once(&settings, k));
+    for &load in &settings.loads {
+        let row = runtime.block_on(run_once(&settings, load));
         eprintln!(
-            "K = {k}: {} calls, {} errors, {} raft entries",
-            row.calls, row.errors, row.entries
+            "{load:?}: {} updates, {} changes, {} errors, {} raft entries",
+            row.updates, row.changes, row.errors, row.entries
         );
         rows.push(row);
     }
     println!();
-    println!("| K (changes/call) | interest changes/s | calls/s | p50 | p90 | p99 | max | raft entries/s | changes per entry | errors | process CPU |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| load | changes/s | updates/s | changes per update | commit p50 | p90 | p99 | max | change p50 | change p99 | raft entries/s | changes per entry | errors | process CPU |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
-        let calls_per_s = r.calls as f64 / r.secs;
-        let changes_per_entry = if r.entries == 0 {
-            "–".to_string()
-        } else {
-            format!("{:.1}", (r.calls * r.k as u64) as f64 / r.entries as f64)
+        let load = match r.load {
+            Load::Saturation { k } => format!("saturation, K = {k}"),
+            Load::Offered { rate } => format!("offered {rate:.0}/s"),
         };
+        let per = |n: u64, d: u64| {
+            if d == 0 {
+                "–".to_string()
+            } else {
+                format!("{:.1}", n as f64 / d as f64)
+            }
+        };
+        let (change_p50, change_p99) = r
+            .change
+            .as_ref()
+            .map_or(("–".to_string(), "–".to_string()), |c| {
+                (ms(c.p50), ms(c.p99))
+            });
         println!(
-            "| {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
-            r.k,
-            calls_per_s * r.k as f64,
-            calls_per_s,
-            ms(r.p50),
-            ms(r.p90),
-            ms(r.p99),
-            ms(r.max),
+            "| {load} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {change_p50} | {change_p99} | {:.0} | {} | {} | {} |",
+            r.changes as f64 / r.secs,
+            r.updates as f64 / r.secs,
+            per(r.changes, r.updates),
+            ms(r.commit.p50),
+            ms(r.commit.p90),
+            ms(r.commit.p99),
+            ms(r.commit.max),
             r.entries as f64 / r.secs,
-            changes_per_entry,
+            per(r.changes, r.entries),
             r.errors,
             r.cpu.map_or("–".to_string(), |c| format!("{c:.0}%")),
         );
     }
     if !full {
         assert!(
-            rows.iter().all(|r| r.calls > 0),
-            "the smoke run committed interest updates"
+            rows.iter().all(|r| r.updates > 0 && r.errors == 0),
+            "the smoke runs committed interest updates without errors"
         );
     }
 }

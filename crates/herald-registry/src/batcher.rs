@@ -81,17 +81,25 @@ impl InterestBatcher {
                 if batch.is_empty() {
                     break;
                 }
-                let changes: Vec<InterestChange> = batch.iter().map(|w| w.change.clone()).collect();
+                // The changes move into the entry; only each caller's edge id stays behind to answer it.
+                let mut callers = Vec::with_capacity(batch.len());
+                let changes: Arc<[InterestChange]> = batch
+                    .into_iter()
+                    .map(|waiting| {
+                        callers.push((waiting.change.edge.clone(), waiting.reply));
+                        waiting.change
+                    })
+                    .collect();
                 let outcome = propose(Request::Interest { changes }).await;
-                for waiting in batch {
+                for (edge, reply) in callers {
                     let answer = match &outcome {
-                        Ok(response) if response.unknown_edges.contains(&waiting.change.edge) => {
+                        Ok(response) if response.unknown_edges.contains(&edge) => {
                             BatchOutcome::UnknownEdge
                         }
                         Ok(response) => BatchOutcome::Committed(response.revision),
                         Err(e) => BatchOutcome::Failed(e.clone()),
                     };
-                    let _ = waiting.reply.send(answer);
+                    let _ = reply.send(answer);
                 }
             }
         }

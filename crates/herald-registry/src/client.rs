@@ -18,13 +18,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::{Code, Status, Streaming};
 
 use herald_proto::v1 as pb;
 use herald_proto::v1::registry_internal_client::RegistryInternalClient;
@@ -321,10 +323,34 @@ impl RegistryClient {
                 async move { rpc.update_interest(request).await }
             })
             .await?;
-        Ok(if reply.unknown_edge {
-            InterestOutcome::UnknownEdge
-        } else {
-            InterestOutcome::Committed(reply.revision)
+        Ok(interest_outcome(&reply))
+    }
+
+    /// Interest updates for one edge over a long-lived stream to the leader: what an edge uses under load, since
+    /// a message on an open stream costs far less than a unary call. The stream opens on the first update.
+    pub fn interest_updates(&self, edge: &str) -> InterestUpdates {
+        InterestUpdates {
+            client: self.clone(),
+            edge: edge.to_string(),
+            open: None,
+        }
+    }
+
+    /// Opens the interest stream on the leader, following hints like a write.
+    async fn open_interest_stream(&self) -> Result<OpenInterestStream, ClientError> {
+        let opened = self
+            .call(true, |mut rpc| async move {
+                // The edge sends its next request only after the previous reply, so one slot is enough.
+                let (requests, outgoing) = mpsc::channel(1);
+                let replies = rpc.interest_stream(ReceiverStream::new(outgoing)).await?;
+                Ok(replies.map(|replies| (requests, replies)))
+            })
+            .await?;
+        let (requests, replies) = opened;
+        Ok(OpenInterestStream {
+            member: self.leader().unwrap_or_default(),
+            requests,
+            replies,
         })
     }
 
@@ -547,6 +573,94 @@ impl RegistryClient {
         if leader.as_deref() == Some(addr) {
             *leader = None;
         }
+    }
+}
+
+/// One edge's interest updates over a stream to the leader (see [`RegistryClient::interest_updates`]).
+///
+/// When the stream breaks (leadership moved, the member went away, no answer within the call timeout), the
+/// update in flight is sent again with [`RegistryClient::update_interest`], which rides out an election, and
+/// the next update reopens the stream on whoever leads then. Sending an update twice is safe: interest changes
+/// are set operations.
+pub struct InterestUpdates {
+    client: RegistryClient,
+    edge: String,
+    open: Option<OpenInterestStream>,
+}
+
+impl std::fmt::Debug for InterestUpdates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterestUpdates")
+            .field("edge", &self.edge)
+            .field("member", &self.open.as_ref().map(|o| &o.member))
+            .finish()
+    }
+}
+
+struct OpenInterestStream {
+    member: String,
+    requests: mpsc::Sender<pb::InterestRequest>,
+    replies: Streaming<pb::InterestReply>,
+}
+
+impl OpenInterestStream {
+    async fn exchange(
+        &mut self,
+        request: pb::InterestRequest,
+    ) -> Result<pb::InterestReply, Status> {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| Status::unavailable("interest stream closed"))?;
+        self.replies
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("interest stream ended"))
+    }
+}
+
+impl InterestUpdates {
+    /// Reports rooms (room JSON) that gained their first (`add`) or lost their last (`remove`) local subscriber
+    /// on this edge, and waits for the raft entry holding them to commit.
+    pub async fn update(
+        &mut self,
+        add: Vec<String>,
+        remove: Vec<String>,
+    ) -> Result<InterestOutcome, ClientError> {
+        let request = pb::InterestRequest {
+            edge: self.edge.clone(),
+            add,
+            remove,
+        };
+        if self.open.is_none() {
+            match self.client.open_interest_stream().await {
+                Ok(open) => self.open = Some(open),
+                Err(e) => return Err(e),
+            }
+        }
+        let open = self.open.as_mut().expect("opened above");
+        let member = open.member.clone();
+        match tokio::time::timeout(self.client.call_timeout, open.exchange(request.clone())).await {
+            Ok(Ok(reply)) => return Ok(interest_outcome(&reply)),
+            Ok(Err(status)) => match classify(&status) {
+                Next::Redirect(leader) => *self.client.inner.leader.lock() = Some(leader),
+                Next::Retry | Next::Fail => self.client.forget_leader(&member),
+            },
+            Err(_) => self.client.forget_leader(&member),
+        }
+        self.open = None;
+        tracing::debug!(member = %member, "interest stream broke; retrying the update as a call");
+        self.client
+            .update_interest(&self.edge, request.add, request.remove)
+            .await
+    }
+}
+
+fn interest_outcome(reply: &pb::InterestReply) -> InterestOutcome {
+    if reply.unknown_edge {
+        InterestOutcome::UnknownEdge
+    } else {
+        InterestOutcome::Committed(reply.revision)
     }
 }
 

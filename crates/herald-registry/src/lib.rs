@@ -28,7 +28,8 @@ pub mod store;
 pub mod types;
 
 pub use client::{
-    ClientError, InterestOutcome, KeepAliveOutcome, RegistryClient, WatchStream, WatchUpdate,
+    ClientError, InterestOutcome, InterestUpdates, KeepAliveOutcome, RegistryClient, WatchStream,
+    WatchUpdate,
 };
 pub use grpc::ClusterSecret;
 pub use node::{run, start, RegistryConfig, RegistryError, RegistryHandle};

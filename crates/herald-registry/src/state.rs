@@ -124,7 +124,7 @@ impl RegistryState {
                 }
             }
             Request::Interest { changes: batch } => {
-                for change in batch {
+                for change in batch.iter() {
                     if !self.edges.contains_key(&change.edge) {
                         if !response.unknown_edges.contains(&change.edge) {
                             response.unknown_edges.push(change.edge.clone());
@@ -132,7 +132,11 @@ impl RegistryState {
                         continue;
                     }
                     for room in &change.add {
-                        let edges = self.interest.entry(room.clone()).or_default();
+                        // Looked up before `entry`, which would copy the room string on every call.
+                        let edges = match self.interest.get_mut(room) {
+                            Some(edges) => edges,
+                            None => self.interest.entry(room.clone()).or_default(),
+                        };
                         if edges.insert(change.edge.clone()) {
                             changes.push(Change::InterestAdded {
                                 room: room.clone(),
@@ -243,7 +247,8 @@ mod tests {
                 edge: edge.into(),
                 add: add.iter().map(|s| s.to_string()).collect(),
                 remove: remove.iter().map(|s| s.to_string()).collect(),
-            }],
+            }]
+            .into(),
         }
     }
 

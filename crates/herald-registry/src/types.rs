@@ -1,6 +1,7 @@
 //! The raft type configuration and the commands the registry's log carries.
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -67,8 +68,9 @@ pub enum Request {
     },
     /// A batch of interest changes, from one or many edges: one raft entry for many subscription changes.
     Interest {
-        /// The changes, applied in order.
-        changes: Vec<InterestChange>,
+        /// The changes, applied in order. Shared, because the log hands out copies of an entry to each follower's
+        /// replication and to the state machine, and a batch holds thousands of room strings.
+        changes: Arc<[InterestChange]>,
     },
     /// Adds or replaces a route (the bridges issue defines its body).
     PutRoute {

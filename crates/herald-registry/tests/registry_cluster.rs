@@ -810,3 +810,91 @@ async fn a_member_is_added_promoted_and_another_removed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_interest_stream_follows_the_leader_and_survives_its_death() {
+    bounded(async {
+        let mut cluster = Cluster::start(3).await;
+        let old_leader = cluster.leader().await;
+        let follower = cluster.followers(old_leader)[0];
+        // A client that knows only a follower: the stream must open on the leader through the hint.
+        let client = cluster.client_of(follower);
+        client
+            .register("edge-s", "127.0.0.1:9002", Duration::from_secs(30), vec![])
+            .await
+            .unwrap();
+        let mut updates = client.interest_updates("edge-s");
+        for i in 0..20 {
+            let outcome = updates
+                .update(vec![format!(r#"{{"s":{i}}}"#)], vec![])
+                .await
+                .unwrap();
+            assert!(
+                matches!(outcome, InterestOutcome::Committed(_)),
+                "{outcome:?}"
+            );
+        }
+        let removed = updates
+            .update(vec![], vec![r#"{"s":0}"#.into()])
+            .await
+            .unwrap();
+        assert!(matches!(removed, InterestOutcome::Committed(_)));
+        assert_eq!(
+            client.leader().as_deref(),
+            Some(&*cluster.addrs[&old_leader])
+        );
+
+        cluster.stop(old_leader).await;
+        // The open stream breaks with its member; the update in flight is retried and the next one reopens the
+        // stream on the new leader.
+        let after = updates
+            .update(vec![r#"{"s":"after"}"#.into()], vec![])
+            .await
+            .unwrap();
+        let InterestOutcome::Committed(revision) = after else {
+            panic!("{after:?}")
+        };
+        let again = updates
+            .update(vec![r#"{"s":"again"}"#.into()], vec![])
+            .await
+            .unwrap();
+        let InterestOutcome::Committed(last) = again else {
+            panic!("{again:?}")
+        };
+        assert!(last > revision);
+        let new_leader = cluster.leader().await;
+        assert_eq!(
+            client.leader().as_deref(),
+            Some(&*cluster.addrs[&new_leader])
+        );
+
+        cluster.applied_everywhere(last).await;
+        let mut expected: Vec<String> = (1..20).map(|i| format!(r#"{{"s":{i}}}"#)).collect();
+        expected.push(r#"{"s":"after"}"#.into());
+        expected.push(r#"{"s":"again"}"#.into());
+        let expected: BTreeSet<String> = expected.into_iter().collect();
+        for m in cluster.running.values() {
+            let held: BTreeSet<String> = m
+                .state_machine()
+                .state()
+                .interest
+                .iter()
+                .filter(|(_, edges)| edges.contains("edge-s"))
+                .map(|(room, _)| room.clone())
+                .collect();
+            assert_eq!(held, expected);
+        }
+
+        // An edge the registry does not know is told so on the stream, as on the call.
+        let mut ghost = client.interest_updates("edge-ghost");
+        assert_eq!(
+            ghost
+                .update(vec![r#"{"s":1}"#.into()], vec![])
+                .await
+                .unwrap(),
+            InterestOutcome::UnknownEdge
+        );
+        cluster.stop_all().await;
+    })
+    .await;
+}

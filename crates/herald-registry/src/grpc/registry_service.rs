@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::uri::Authority;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use herald_proto::v1 as pb;
 use herald_proto::v1::registry_internal_server::{RegistryInternal, RegistryInternalServer};
@@ -156,6 +156,53 @@ fn leader_hint(leader_addr: Option<&str>) -> Status {
 }
 
 impl RegistryService {
+    /// One interest update from an edge, through the leader's batcher: the unary call and the stream share it.
+    async fn interest(&self, request: pb::InterestRequest) -> Result<pb::InterestReply, Status> {
+        let pb::InterestRequest { edge, add, remove } = request;
+        validate_edge(&edge)?;
+        let add = canonical_rooms(add)?;
+        let remove = canonical_rooms(remove)?;
+        self.ensure_leader()?;
+        if add.is_empty() && remove.is_empty() {
+            // Nothing to commit; still tell the edge whether it is known.
+            let (known, revision) = self
+                .core
+                .state
+                .read_state(|s| (s.edges.contains_key(&edge), s.revision));
+            return Ok(pb::InterestReply {
+                revision,
+                unknown_edge: !known,
+            });
+        }
+        let outcome = self
+            .core
+            .batcher
+            .submit(InterestChange {
+                edge: edge.clone(),
+                add,
+                remove,
+            })
+            .await;
+        match outcome {
+            BatchOutcome::Committed(revision) => Ok(pb::InterestReply {
+                revision,
+                unknown_edge: false,
+            }),
+            BatchOutcome::UnknownEdge => Ok(pb::InterestReply {
+                revision: 0,
+                unknown_edge: true,
+            }),
+            BatchOutcome::Failed(reason) => {
+                // Most likely leadership moved while the batch was in flight: send the caller to the new leader.
+                self.ensure_leader()?;
+                tracing::warn!(node_id = self.core.id, edge = %edge, reason = %reason, "interest update failed");
+                Err(Status::unavailable(format!(
+                    "interest update not committed: {reason}"
+                )))
+            }
+        }
+    }
+
     /// Ok when this member leads; otherwise the status that sends the caller to the leader.
     fn ensure_leader(&self) -> Result<(), Status> {
         let metrics = self.core.raft.metrics();
@@ -235,7 +282,8 @@ impl RegistryInternal for RegistryService {
                         edge: edge.clone(),
                         add: chunk.to_vec(),
                         remove: vec![],
-                    }],
+                    }]
+                    .into(),
                 })
                 .await?;
             if !written.data.unknown_edges.is_empty() {
@@ -297,49 +345,43 @@ impl RegistryInternal for RegistryService {
         &self,
         request: Request<pb::InterestRequest>,
     ) -> Result<Response<pb::InterestReply>, Status> {
-        let pb::InterestRequest { edge, add, remove } = request.into_inner();
-        validate_edge(&edge)?;
-        let add = canonical_rooms(add)?;
-        let remove = canonical_rooms(remove)?;
+        self.interest(request.into_inner()).await.map(Response::new)
+    }
+
+    type InterestStreamStream = ReceiverStream<Result<pb::InterestReply, Status>>;
+
+    async fn interest_stream(
+        &self,
+        request: Request<Streaming<pb::InterestRequest>>,
+    ) -> Result<Response<Self::InterestStreamStream>, Status> {
         self.ensure_leader()?;
-        if add.is_empty() && remove.is_empty() {
-            // Nothing to commit; still tell the edge whether it is known.
-            let (known, revision) = self
-                .core
-                .state
-                .read_state(|s| (s.edges.contains_key(&edge), s.revision));
-            return Ok(Response::new(pb::InterestReply {
-                revision,
-                unknown_edge: !known,
-            }));
-        }
-        let outcome = self
-            .core
-            .batcher
-            .submit(InterestChange {
-                edge: edge.clone(),
-                add,
-                remove,
-            })
-            .await;
-        match outcome {
-            BatchOutcome::Committed(revision) => Ok(Response::new(pb::InterestReply {
-                revision,
-                unknown_edge: false,
-            })),
-            BatchOutcome::UnknownEdge => Ok(Response::new(pb::InterestReply {
-                revision: 0,
-                unknown_edge: true,
-            })),
-            BatchOutcome::Failed(reason) => {
-                // Most likely leadership moved while the batch was in flight: send the caller to the new leader.
-                self.ensure_leader()?;
-                tracing::warn!(node_id = self.core.id, edge = %edge, reason = %reason, "interest update failed");
-                Err(Status::unavailable(format!(
-                    "interest update not committed: {reason}"
-                )))
+        let mut updates = request.into_inner();
+        // One reply per request and the edge waits for it, so a short buffer is enough.
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let shutdown = service.core.shutdown.clone();
+            loop {
+                let update = tokio::select! {
+                    update = updates.message() => update,
+                    // Ending the stream lets the connection close, so shutdown is not held up; the edge reopens
+                    // it on the next leader.
+                    _ = shutdown.cancelled() => return,
+                };
+                let update = match update {
+                    Ok(Some(update)) => update,
+                    // The edge closed its side, or its connection broke.
+                    Ok(None) | Err(_) => return,
+                };
+                let reply = service.interest(update).await;
+                // An error ends the stream: the edge reopens it (on the leader, when this one was not).
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
             }
-        }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type WatchStream = ReceiverStream<Result<pb::WatchEvent, Status>>;

@@ -37,8 +37,8 @@ type Meta = SnapshotMeta<NodeId, RegistryNode>;
 pub struct WatchEvent {
     /// The revision (raft log index) the changes were made at; strictly increasing from event to event.
     pub revision: u64,
-    /// What changed, in order. Never empty.
-    pub changes: Vec<Change>,
+    /// What changed, in order. Never empty. Shared: the event sits in the resume ring and goes to every watcher.
+    pub changes: Arc<[Change]>,
 }
 
 /// Where a watcher starts, from [`StateMachineStore::watch`].
@@ -290,7 +290,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     if !changes.is_empty() {
                         let event = WatchEvent {
                             revision: log_id.index,
-                            changes,
+                            changes: changes.into(),
                         };
                         self.publish(&mut inner, event);
                     }
@@ -368,7 +368,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 inner.ring.clear();
                 inner.ring_floor = revision;
             }
-            self.publish(&mut inner, WatchEvent { revision, changes });
+            self.publish(
+                &mut inner,
+                WatchEvent {
+                    revision,
+                    changes: changes.into(),
+                },
+            );
         }
         Ok(())
     }

@@ -81,7 +81,8 @@ fn interest(edge: &str, add: &[&str], remove: &[&str]) -> Request {
             edge: edge.into(),
             add: add.iter().map(|s| s.to_string()).collect(),
             remove: remove.iter().map(|s| s.to_string()).collect(),
-        }],
+        }]
+        .into(),
     }
 }
 
