@@ -24,9 +24,12 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Criterion benchmarks (room matching, delivery encoding).
+## Criterion benchmarks (room matching, delivery encoding), then the standard load scenarios against herald
+## (loadtest/run-scenarios.sh: results, reports and charts under loadtest/results/).
 bench:
 	$(CARGO) bench --workspace
+	$(CARGO) build --release -p herald -p herald-loadtest
+	./loadtest/run-scenarios.sh
 
 clean:
 	$(CARGO) clean

@@ -744,45 +744,66 @@ struct Schedule {
 /// Open loop: message k is due at `start + k * interval` and carries that time, whenever it actually goes out.
 /// A publisher that falls behind sends its backlog at once rather than skipping it, so server stalls show up as
 /// latency instead of as a lower send rate (coordinated omission).
+///
+/// The schedule runs on its own OS thread: tokio's timer rounds sleeps up to whole milliseconds, which would add
+/// up to a millisecond of the harness's own lateness to every measured latency; `thread::sleep` wakes within
+/// tens of microseconds. The async side only forwards what the schedule produced.
 async fn publish_loop<P: Publisher>(
     mut publisher: P,
     s: Schedule,
     sent: Arc<Vec<AtomicU64>>,
 ) -> anyhow::Result<PublisherOutcome> {
-    let mut seqs = vec![0u64; s.rooms.len()];
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Vec<u8>, u64)>();
+    let schedule = std::thread::Builder::new()
+        .name(format!("schedule-{}", s.publisher))
+        .spawn(move || {
+            let mut seqs = vec![0u64; s.rooms.len()];
+            for k in 0u64.. {
+                let intended = s.start + k * s.interval_ns.max(1);
+                if intended >= s.end {
+                    break;
+                }
+                let now = now_ns();
+                if intended > now {
+                    std::thread::sleep(Duration::from_nanos(intended - now));
+                }
+                let slot = k as usize % s.rooms.len();
+                let mut data = Vec::with_capacity(s.payload_bytes + 2);
+                encode(
+                    &Header {
+                        node: s.node,
+                        publisher: s.publisher,
+                        room: s.rooms[slot],
+                        seq: seqs[slot],
+                        intended_ns: intended,
+                    },
+                    s.payload_bytes,
+                    &mut data,
+                );
+                seqs[slot] += 1;
+                if tx.send((s.rooms[slot], data, intended)).is_err() {
+                    // The sending side failed and reported why; stop producing.
+                    return;
+                }
+            }
+        })
+        .context("cannot start a schedule thread")?;
     let mut max_lag_ns = 0;
-    let mut last_send_ns = s.start;
-    let mut data = Vec::with_capacity(s.payload_bytes + 64);
-    for k in 0u64.. {
-        let intended = s.start + k * s.interval_ns.max(1);
-        if intended >= s.end {
-            break;
+    let mut last_send_ns = 0;
+    let result = async {
+        while let Some((room, data, intended)) = rx.recv().await {
+            let now = now_ns();
+            max_lag_ns = max_lag_ns.max(now.saturating_sub(intended));
+            publisher.publish(room, data).await?;
+            sent[room as usize].fetch_add(1, Ordering::Relaxed);
+            last_send_ns = now;
         }
-        let now = now_ns();
-        if intended > now {
-            tokio::time::sleep(Duration::from_nanos(intended - now)).await;
-        } else {
-            max_lag_ns = max_lag_ns.max(now - intended);
-        }
-        let slot = k as usize % s.rooms.len();
-        let room = s.rooms[slot];
-        data.clear();
-        encode(
-            &Header {
-                node: s.node,
-                publisher: s.publisher,
-                room,
-                seq: seqs[slot],
-                intended_ns: intended,
-            },
-            s.payload_bytes,
-            &mut data,
-        );
-        publisher.publish(room, data.clone()).await?;
-        seqs[slot] += 1;
-        sent[room as usize].fetch_add(1, Ordering::Relaxed);
-        last_send_ns = now_ns();
+        anyhow::Ok(())
     }
+    .await;
+    drop(rx);
+    let _ = tokio::task::spawn_blocking(move || schedule.join()).await;
+    result?;
     let accepted = publisher.finish().await?;
     Ok(PublisherOutcome {
         accepted,

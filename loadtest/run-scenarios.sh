@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs the standard load scenarios against herald (and each peer the harness can drive and finds installed),
+# writing loadtest/results/<scenario>-<target>/{result.json,report.md,chart.png,logs/}. Used by `make bench`.
+#
+# A run that misses its scenario's criteria (exit 1) is a benchmark result, not an error: it is listed and the
+# script goes on. A run that could not happen at all (exit 2: servers would not start, workers died) makes the
+# script exit non-zero at the end.
+#
+# Environment: SCENARIOS (default: the five standard ones), TARGETS (default: herald, plus nats/sockudo when
+# their servers are installed), LOADTEST (the harness binary), RESULTS (output root).
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+loadtest="${LOADTEST:-target/release/herald-loadtest}"
+results="${RESULTS:-loadtest/results}"
+scenarios="${SCENARIOS:-fanout latency idle-memory connect slow-consumers}"
+targets="${TARGETS:-herald}"
+
+if [[ ! -x "$loadtest" ]]; then
+    echo "run-scenarios: $loadtest is missing: cargo build --release -p herald -p herald-loadtest" >&2
+    exit 2
+fi
+
+errors=0
+summary=()
+for scenario in $scenarios; do
+    for target in $targets; do
+        out="$results/$scenario-$target"
+        rm -rf "$out"
+        echo "=== $scenario against $target -> $out"
+        "$loadtest" run "loadtest/scenarios/$scenario.toml" --target "$target" --out "$out"
+        code=$?
+        case $code in
+            0) summary+=("$scenario/$target: passed") ;;
+            1) summary+=("$scenario/$target: FAILED its criteria (see $out/report.md)") ;;
+            *) summary+=("$scenario/$target: could not run (exit $code)"); errors=$((errors + 1)) ;;
+        esac
+    done
+done
+
+echo
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
+exit $((errors > 0 ? 2 : 0))

@@ -1,0 +1,101 @@
+//! The smoke scenario end to end, as `make test` runs it: the real `herald-loadtest` binary starts a real
+//! `herald dev` process, its workers connect and subscribe, the coordinator publishes for a few seconds, and the
+//! run must account for every delivery and write its report files.
+//!
+//! It needs the `herald` binary of the same cargo profile (target/<profile>/herald), which
+//! `cargo test --workspace` builds; alone, run `cargo build -p herald` first. No timing is asserted: on a shared
+//! machine that would be a flaky benchmark, not a test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const LOADTEST: &str = env!("CARGO_BIN_EXE_herald-loadtest");
+
+fn herald_bin() -> PathBuf {
+    let dir = Path::new(LOADTEST).parent().expect("binary directory");
+    let herald = dir.join("herald");
+    assert!(
+        herald.is_file(),
+        "{} is missing: build it with `cargo build -p herald` (cargo test --workspace does)",
+        herald.display()
+    );
+    herald
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn smoke_scenario_delivers_everything_and_writes_reports() {
+    let out =
+        TempDir(std::env::temp_dir().join(format!("herald-loadtest-smoke-{}", std::process::id())));
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
+    let output = Command::new(LOADTEST)
+        .arg("run")
+        .arg(&scenario)
+        .arg("--herald-bin")
+        .arg(herald_bin())
+        .arg("--out")
+        .arg(&out.0)
+        .arg("--quiet")
+        .output()
+        .expect("run herald-loadtest");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "herald-loadtest failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+
+    let result: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.0.join("result.json")).expect("result.json written"),
+    )
+    .expect("result.json is JSON");
+    assert_eq!(result["passed"], true, "{result:#}");
+    let delivery = &result["delivery"];
+    assert_eq!(delivery["lost"], 0, "{delivery:#}");
+    assert_eq!(delivery["duplicates"], 0, "{delivery:#}");
+    assert_eq!(delivery["reordered"], 0, "{delivery:#}");
+    assert_eq!(delivery["unparsed_or_misrouted"], 0, "{delivery:#}");
+    // 200 subscribers, 10 per room, 200 publishes/s for 3 s: every publish reaches its room's 10 members.
+    let sent = result["publish"]["sent"].as_u64().expect("sent");
+    assert!(sent > 0);
+    assert_eq!(delivery["delivered"].as_u64(), Some(sent * 10));
+    assert_eq!(result["connect"]["subscribed"], 200);
+    assert!(result["latency"]["same_node"]["count"].as_u64() > Some(0));
+
+    let report = std::fs::read_to_string(out.0.join("report.md")).expect("report.md written");
+    assert!(report.contains("| deliveries/s |"), "{report}");
+    let chart = std::fs::read(out.0.join("chart.png")).expect("chart.png written");
+    assert!(
+        chart.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "chart.png is a PNG"
+    );
+}
+
+#[test]
+fn bad_scenarios_exit_64_with_the_reason() {
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("herald-loadtest-bad-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("bad.toml");
+    std::fs::write(
+        &file,
+        "name = \"bad\"\nduration_secs = 1\n[clients]\nconnections = 10\nrooms = 2\nmembrs = 5\n",
+    )
+    .unwrap();
+    let output = Command::new(LOADTEST)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("membrs"), "{stderr}");
+}
