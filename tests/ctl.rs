@@ -189,10 +189,10 @@ fn register_edge(registry: &str, edge: &str, peer_addr: &str, room: &str) {
 
 #[test]
 fn status_add_learner_promote_and_remove() {
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
     let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
     let peers: Vec<String> = (0..3).map(|i| format!("{}={}", i + 1, addr(i))).collect();
-    let dirs: Vec<Dir> = (1..=4).map(|i| Dir::new(&format!("r{i}"))).collect();
+    let dirs: Vec<Dir> = (1..=5).map(|i| Dir::new(&format!("r{i}"))).collect();
     let mut procs: Vec<Proc> = (0..3)
         .map(|i| registry(i as u64 + 1, ports[i], &peers, &dirs[i]))
         .collect();
@@ -311,6 +311,49 @@ fn status_add_learner_promote_and_remove() {
         unsafe_remove.stderr
     );
     wait_for_status(&all, "still 3 voters", |s| voter_ids(s) == [2, 3, 4]);
+
+    // A learner that is not wanted after all leaves without touching the voters (and without --force).
+    procs.push(registry(
+        5,
+        ports[4],
+        &{
+            let mut peers5 = peers4.clone();
+            peers5.push(format!("5={}", addr(4)));
+            peers5
+        },
+        &dirs[4],
+    ));
+    let added = ctl(
+        &all,
+        SECRET,
+        &[
+            "cluster",
+            "add-learner",
+            "--node-id",
+            "5",
+            "--addr",
+            &addr(4),
+        ],
+    );
+    assert_eq!(added.code, Some(0), "{}", added.stderr);
+    wait_for_status(&all, "node 5 is a learner", |s| {
+        member(s, 5).is_some_and(|m| m["role"] == "learner")
+    });
+    let dropped = ctl(
+        &all,
+        SECRET,
+        &["--output", "json", "cluster", "remove", "--node-id", "5"],
+    );
+    assert_eq!(dropped.code, Some(0), "{}", dropped.stderr);
+    assert_eq!(dropped.json()["role"], "learner");
+    assert_eq!(dropped.json()["voters"], serde_json::json!([2, 3, 4]));
+    let status = wait_for_status(&all, "node 5 gone, voters unchanged", |s| {
+        member(s, 5).is_none() && voter_ids(s) == [2, 3, 4]
+    });
+    assert!(member(&status, 5).is_none(), "{status}");
+    let gone = ctl(&all, SECRET, &["cluster", "remove", "--node-id", "5"]);
+    assert_eq!(gone.code, Some(64), "{}", gone.stderr);
+    assert!(gone.stderr.contains("not a member"), "{}", gone.stderr);
 
     // A wrong secret is refused by the members and reported as such.
     let wrong = ctl(&all, "not-the-cluster-secret-0000", &["cluster", "status"]);

@@ -467,6 +467,18 @@ impl RegistryClient {
         Ok(reply.log_index)
     }
 
+    /// Removes learner `node_id` from the cluster (a voter is refused: leave through [`Self::change_membership`]).
+    /// Returns the membership entry's log index.
+    pub async fn remove_learner(&self, node_id: NodeId) -> Result<u64, ClientError> {
+        let reply = self
+            .call(true, move |mut rpc| async move {
+                rpc.remove_learner(pb::RemoveLearnerRequest { node_id })
+                    .await
+            })
+            .await?;
+        Ok(reply.log_index)
+    }
+
     /// The gRPC client for `addr`, making its channel the first time.
     fn rpc(&self, addr: &str) -> Result<Rpc, ClientError> {
         let channel = {

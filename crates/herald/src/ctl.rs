@@ -3,7 +3,7 @@
 //! - `herald ctl cluster status`: leader, term, revision, members with their replication lag, registered edges.
 //! - `herald ctl cluster add-learner --node-id N --addr host:port`: a new member starts receiving the log.
 //! - `herald ctl cluster promote --node-id N`: a caught-up learner becomes a voter.
-//! - `herald ctl cluster remove --node-id N`: a voter leaves the cluster.
+//! - `herald ctl cluster remove --node-id N`: a voter or a learner leaves the cluster.
 //!
 //! Membership changes are computed from the status the leader reports (the voter set is replaced as a whole, so
 //! it has to start from the current one), and checked before anything is written: a change that would leave the
@@ -109,9 +109,9 @@ enum ClusterCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Remove a voter from the cluster.
+    /// Remove a voter or a learner from the cluster.
     Remove {
-        /// The voter's node id.
+        /// The member's node id.
         #[arg(long)]
         node_id: u64,
         /// Remove even when the cluster loses fault tolerance (e.g. 3 voters to 2).
@@ -307,12 +307,28 @@ impl Ctl {
         let reply = self.fetch_status().await?;
         let voters = voters(&reply);
         if !voters.contains(&node_id) {
-            let what = if reply.members.iter().any(|m| m.node_id == node_id) {
-                "a learner, not a voter (only voters can be removed)"
-            } else {
-                "not a member"
-            };
-            return Err(Failure::usage(format!("node {node_id} is {what}")));
+            if !reply.members.iter().any(|m| m.node_id == node_id) {
+                return Err(Failure::usage(format!("node {node_id} is not a member")));
+            }
+            // A learner does not vote: removing it never touches the quorum.
+            let log_index = self
+                .client
+                .remove_learner(node_id)
+                .await
+                .map_err(|e| self.failure(e))?;
+            self.report(
+                json!({
+                    "action": "remove",
+                    "node_id": node_id,
+                    "role": "learner",
+                    "voters": voters,
+                    "log_index": log_index,
+                }),
+                format!(
+                    "remove learner {node_id}: voters unchanged {voters:?} (log index {log_index})"
+                ),
+            );
+            return Ok(());
         }
         let mut new_voters = voters.clone();
         new_voters.remove(&node_id);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
-use openraft::ServerState;
+use openraft::{ChangeMembers, ServerState};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::uri::Authority;
@@ -520,6 +520,44 @@ impl RegistryInternal for RegistryService {
             .await
             .map_err(write_status)?;
         tracing::info!(node_id = self.core.id, voters = ?voters, log_index = written.log_id.index, "membership changed");
+        Ok(Response::new(pb::MembershipReply {
+            log_index: written.log_id.index,
+        }))
+    }
+
+    async fn remove_learner(
+        &self,
+        request: Request<pb::RemoveLearnerRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        let node_id = request.into_inner().node_id;
+        self.ensure_leader()?;
+        let is_voter = {
+            let metrics = self.core.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            if membership.get_node(&node_id).is_none() {
+                return Err(Status::not_found(format!("node {node_id} is not a member")));
+            }
+            membership.voter_ids().any(|id| id == node_id)
+        };
+        if is_voter {
+            return Err(Status::failed_precondition(format!(
+                "node {node_id} is a voter: change the voters to remove it"
+            )));
+        }
+        let removed = BTreeSet::from([node_id]);
+        let written = self
+            .core
+            .raft
+            .change_membership(ChangeMembers::RemoveNodes(removed), false)
+            .await
+            .map_err(write_status)?;
+        tracing::info!(
+            node_id = self.core.id,
+            learner = node_id,
+            log_index = written.log_id.index,
+            "learner removed"
+        );
         Ok(Response::new(pb::MembershipReply {
             log_index: written.log_id.index,
         }))
