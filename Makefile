@@ -24,10 +24,11 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Criterion benchmarks (room matching, delivery encoding), then the standard load scenarios against herald
-## (loadtest/run-scenarios.sh: results, reports and charts under loadtest/results/).
+## Criterion benchmarks (room matching, delivery encoding), then the standard load scenarios against herald and
+## its peers, NATS and Sockudo (loadtest/run-scenarios.sh: results, reports and charts under loadtest/results/).
 bench:
 	$(CARGO) bench --workspace
+	./scripts/install-bench-deps.sh
 	$(CARGO) build --release -p herald -p herald-loadtest
 	./loadtest/run-scenarios.sh
 

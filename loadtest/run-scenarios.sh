@@ -15,7 +15,13 @@ cd "$repo"
 loadtest="${LOADTEST:-target/release/herald-loadtest}"
 results="${RESULTS:-loadtest/results}"
 scenarios="${SCENARIOS:-fanout latency idle-memory connect slow-consumers}"
-targets="${TARGETS:-herald}"
+if [[ -z "${TARGETS:-}" ]]; then
+    targets="herald"
+    command -v nats-server >/dev/null 2>&1 && targets+=" nats"
+    { [[ -x target/bench-tools/bin/sockudo ]] || command -v sockudo >/dev/null 2>&1; } && targets+=" sockudo"
+else
+    targets="$TARGETS"
+fi
 
 if [[ ! -x "$loadtest" ]]; then
     echo "run-scenarios: $loadtest is missing: cargo build --release -p herald -p herald-loadtest" >&2

@@ -22,8 +22,10 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
 use crate::driver::herald::{GrpcPublisher, HeraldDriver, HttpPublisher};
+use crate::driver::peers::{NatsPublish, SockudoPublish};
 use crate::driver::{Driver, Incoming, Publisher, SubscriberClient};
 use crate::payload::{encode, now_ns, Header};
+use crate::peers::sockudo::PusherApp;
 use crate::procstat;
 use crate::report::*;
 use crate::scenario::{PublishApi, Scenario};
@@ -49,7 +51,20 @@ pub(crate) struct RunOptions {
 }
 
 /// Runs a scenario end to end and writes the report; `Ok(report)` even when the run failed its criteria.
-pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
+pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
+    let mut notes = Vec::new();
+    if opts.target != TargetKind::Herald && opts.scenario.cluster.nodes > 1 {
+        // The harness runs each peer as one server: their clustering is not what is compared here.
+        notes.push(format!(
+            "{} runs as one node; the scenario's {} nodes' clients and publishers all use it",
+            opts.target.name(),
+            opts.scenario.cluster.nodes
+        ));
+        opts.scenario.cluster.nodes = 1;
+        opts.scenario.clients.nodes.clear();
+        opts.scenario.publish.nodes.clear();
+    }
+    let opts = opts;
     let scenario = &opts.scenario;
     let started_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -65,10 +80,8 @@ pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                     &opts.out.join("logs"),
                 )?
             }
-            other => bail!(
-                "starting {} is not wired in yet; start it yourself and pass --edge",
-                other.name()
-            ),
+            TargetKind::Nats => server::start_nats(&opts.out.join("logs")).await?,
+            TargetKind::Sockudo => server::start_sockudo(&opts.out.join("logs")).await?,
         }
     } else {
         server::attach(&opts.attach, &opts.server_pids)?
@@ -92,9 +105,11 @@ pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     };
     bar.enable_steady_tick(Duration::from_millis(200));
     bar.set_message("waiting for the servers");
-    probe(&opts, &servers)
-        .await
-        .context("the servers are not ready")?;
+    if opts.target == TargetKind::Herald {
+        probe(&opts, &servers)
+            .await
+            .context("the servers are not ready")?;
+    }
 
     let rss_before: Vec<u64> = servers
         .pids()
@@ -245,7 +260,7 @@ pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
                     }
                 }
                 if slow_count > 0 && slow_all_gone_at.is_none() && now > slow_stop {
-                    let gone = slow_disconnects(&servers).await;
+                    let gone = slow_disconnects(opts.target, &servers).await;
                     if gone.is_some_and(|g| g >= slow_count as u64) {
                         slow_all_gone_at = Some((now - slow_stop) as f64 / 1e9);
                     }
@@ -307,7 +322,7 @@ pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         let _ = tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await;
         let _ = p.child.kill().await;
     }
-    let slow_final = slow_disconnects(&servers).await;
+    let slow_final = slow_disconnects(opts.target, &servers).await;
 
     // === judge ===
     let mut delivery = DeliveryFigures::default();
@@ -421,9 +436,11 @@ pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
     let report = RunReport {
         scenario: scenario.clone(),
         target: opts.target.name().to_owned(),
-        publish_api: match opts.publish_api {
-            PublishApi::Grpc => "gRPC",
-            PublishApi::Http => "HTTP",
+        publish_api: match (opts.target, opts.publish_api) {
+            (TargetKind::Nats, _) => "NATS TCP",
+            (TargetKind::Sockudo, _) => "Pusher HTTP API",
+            (TargetKind::Herald, PublishApi::Grpc) => "gRPC",
+            (TargetKind::Herald, PublishApi::Http) => "HTTP",
         }
         .to_owned(),
         started_at,
@@ -448,6 +465,7 @@ pub(crate) async fn run(opts: RunOptions) -> anyhow::Result<RunReport> {
         memory,
         harness_cpu_percent: (harness_cpu_end - harness_cpu_start) / elapsed * 100.0,
         timeline,
+        notes,
         passed: failures.is_empty(),
         failures,
     };
@@ -549,7 +567,10 @@ async fn probe(opts: &RunOptions, servers: &Servers) -> anyhow::Result<()> {
         .await
 }
 
-async fn slow_disconnects(servers: &Servers) -> Option<u64> {
+async fn slow_disconnects(target: TargetKind, servers: &Servers) -> Option<u64> {
+    if target != TargetKind::Herald {
+        return None;
+    }
     let mut total = 0.0;
     for node in &servers.nodes {
         let body = server::http_get(node.ws, "/metrics").await.ok()?;
@@ -666,6 +687,8 @@ fn connect_figures(scenario: &Scenario, reports: &[ConnectReport], start: u64) -
 enum AnyPublisher {
     Grpc(GrpcPublisher),
     Http(HttpPublisher),
+    Nats(NatsPublish),
+    Sockudo(SockudoPublish),
 }
 
 impl Publisher for AnyPublisher {
@@ -673,6 +696,8 @@ impl Publisher for AnyPublisher {
         match self {
             AnyPublisher::Grpc(p) => p.publish(room, data).await,
             AnyPublisher::Http(p) => p.publish(room, data).await,
+            AnyPublisher::Nats(p) => p.publish(room, data).await,
+            AnyPublisher::Sockudo(p) => p.publish(room, data).await,
         }
     }
 
@@ -680,6 +705,8 @@ impl Publisher for AnyPublisher {
         match self {
             AnyPublisher::Grpc(p) => p.finish().await,
             AnyPublisher::Http(p) => p.finish().await,
+            AnyPublisher::Nats(p) => p.finish().await,
+            AnyPublisher::Sockudo(p) => p.finish().await,
         }
     }
 }
@@ -706,15 +733,19 @@ async fn connect_publishers(
     for p in 0..scenario.publish.publishers {
         let node_index = scenario.publisher_node(p);
         let node = &servers.nodes[node_index];
-        let publisher = match opts.publish_api {
-            PublishApi::Grpc => {
+        let publisher = match (opts.target, opts.publish_api) {
+            (TargetKind::Nats, _) => AnyPublisher::Nats(NatsPublish::connect(node.publish).await?),
+            (TargetKind::Sockudo, _) => AnyPublisher::Sockudo(
+                SockudoPublish::connect(node.publish, PusherApp::default()).await?,
+            ),
+            (TargetKind::Herald, PublishApi::Grpc) => {
                 let grpc = node.grpc.ok_or_else(|| {
                     anyhow!("{} has no gRPC address (--edge HTTP/GRPC)", node.name)
                 })?;
                 AnyPublisher::Grpc(GrpcPublisher::connect(grpc, servers.api_key.as_deref()).await?)
             }
-            PublishApi::Http => AnyPublisher::Http(
-                HttpPublisher::connect(node.ws, servers.api_key.as_deref()).await?,
+            (TargetKind::Herald, PublishApi::Http) => AnyPublisher::Http(
+                HttpPublisher::connect(node.publish, servers.api_key.as_deref()).await?,
             ),
         };
         let schedule = Schedule {

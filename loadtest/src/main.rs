@@ -9,7 +9,8 @@
 //! - [`payload`]: the measured payload (publisher, sequence, intended send time) and the shared clock.
 //! - [`stats`], [`procstat`]: histograms and stream accounting; RSS/CPU from /proc.
 //! - [`report`], [`chart`]: result.json, report.md, chart.png.
-//! - [`server`]: starting `herald dev` or a registry + edge cluster, or attaching to running nodes.
+//! - [`server`]: starting `herald dev` or a registry + edge cluster (or a peer's server), or attaching to running
+//!   nodes; [`peers`]: NATS and Sockudo protocol clients and server starters, used by [`driver`]'s peer drivers.
 //!
 //! Exit status: 0 the run passed its scenario's criteria, 1 it ran but failed them (the reason is printed and in
 //! the report), 2 it could not run (servers would not start, workers died), 64 bad scenario or arguments.
@@ -18,6 +19,9 @@ mod chart;
 mod coordinator;
 mod driver;
 mod payload;
+// The peers' protocol clients and server starters; the harness uses only part of their API.
+#[allow(dead_code)]
+mod peers;
 mod procstat;
 mod report;
 mod scenario;

@@ -30,6 +30,8 @@ pub(crate) struct RunReport {
     /// The harness's own CPU (coordinator + workers) while publishing, in % of one core.
     pub(crate) harness_cpu_percent: f64,
     pub(crate) timeline: Vec<TimelinePoint>,
+    /// How this run departs from the scenario (e.g. a peer run on one node).
+    pub(crate) notes: Vec<String>,
     /// Why the run failed; empty when it passed.
     pub(crate) failures: Vec<String>,
     pub(crate) passed: bool,
@@ -197,6 +199,9 @@ impl RunReport {
             self.machine.cpus,
             self.machine.cpu_model
         );
+        for note in &self.notes {
+            let _ = writeln!(md, "Note: {note}\n");
+        }
         let _ = writeln!(
             md,
             "**Result: {}**\n",

@@ -20,6 +20,8 @@ pub(crate) struct Node {
     pub(crate) ws: SocketAddr,
     /// herald's gRPC publish address.
     pub(crate) grpc: Option<SocketAddr>,
+    /// Where non-gRPC publishers connect (herald: HTTP, NATS: its client port, Sockudo: its HTTP API).
+    pub(crate) publish: SocketAddr,
     /// For RSS and CPU figures; unknown when attached without `--server-pid`.
     pub(crate) pid: Option<u32>,
 }
@@ -34,10 +36,13 @@ pub(crate) struct Servers {
     pub(crate) api_key: Option<String>,
     children: Vec<Child>,
     temp_dirs: Vec<PathBuf>,
+    /// Peer servers, which stop themselves when dropped.
+    peer_guards: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Drop for Servers {
     fn drop(&mut self) {
+        self.peer_guards.clear();
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -56,12 +61,6 @@ impl Servers {
             .filter_map(|n| n.pid.map(|p| (n.name.clone(), p)))
             .chain(self.support.iter().cloned())
             .collect()
-    }
-
-    /// Adopts a process started elsewhere (a peer's server starter), to be killed with the others.
-    #[allow(dead_code)]
-    pub(crate) fn adopt(&mut self, child: Child) {
-        self.children.push(child);
     }
 
     /// Fails if any started process has exited (it would otherwise show up as refused connections).
@@ -234,9 +233,11 @@ pub(crate) fn attach(edges: &[String], pids: &[u32]) -> anyhow::Result<Servers> 
                 anyhow!("--edge {edge:?}: {a:?} is not host:port (an IP address and a port)")
             })
         };
+        let ws = parse(ws)?;
         servers.nodes.push(Node {
             name: format!("node-{i}"),
-            ws: parse(ws)?,
+            ws,
+            publish: ws,
             grpc: grpc.map(parse).transpose()?,
             pid: pids.get(i).copied(),
         });
@@ -309,6 +310,7 @@ fn node_from_line(name: &str, line: &str, pid: u32) -> anyhow::Result<Node> {
     Ok(Node {
         name: name.to_owned(),
         ws: field("http")?,
+        publish: field("http")?,
         grpc: Some(field("grpc")?),
         pid: Some(pid),
     })
@@ -341,4 +343,58 @@ pub(crate) fn metric_sum(body: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Starts `nats-server` with its WebSocket listener on free loopback ports (one node: the harness does not
+/// cluster NATS).
+pub(crate) async fn start_nats(dir: &Path) -> anyhow::Result<Servers> {
+    use crate::peers::nats::NatsServer;
+    let binary = NatsServer::binary().ok_or_else(|| {
+        anyhow!("nats-server is not installed (scripts/install-bench-deps.sh installs it)")
+    })?;
+    let client = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let ws = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let server = NatsServer::start(&binary, &dir.join("nats"), client, ws)
+        .await
+        .context("starting nats-server")?;
+    let mut servers = Servers::default();
+    servers.nodes.push(Node {
+        name: "nats".into(),
+        ws: server.ws_addr(),
+        grpc: None,
+        publish: server.client_addr(),
+        pid: Some(server.pid()),
+    });
+    servers.peer_guards.push(Box::new(server));
+    Ok(servers)
+}
+
+/// Starts Sockudo (single node, local adapter) on free loopback ports with the harness's Pusher app.
+pub(crate) async fn start_sockudo(dir: &Path) -> anyhow::Result<Servers> {
+    use crate::peers::sockudo::{PusherApp, SockudoServer};
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let binary = SockudoServer::binary(&repo).ok_or_else(|| {
+        anyhow!("sockudo is not installed (scripts/install-bench-deps.sh builds it)")
+    })?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let server = SockudoServer::start(
+        &binary,
+        &dir.join("sockudo"),
+        addr,
+        metrics,
+        PusherApp::default(),
+    )
+    .await
+    .context("starting sockudo")?;
+    let mut servers = Servers::default();
+    servers.nodes.push(Node {
+        name: "sockudo".into(),
+        ws: server.addr(),
+        grpc: None,
+        publish: server.addr(),
+        pid: Some(server.pid()),
+    });
+    servers.peer_guards.push(Box::new(server));
+    Ok(servers)
 }

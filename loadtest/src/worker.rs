@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::driver::herald::HeraldDriver;
+use crate::driver::peers::{NatsDriver, SockudoDriver};
 use crate::driver::{Driver, Incoming, SubscriberClient};
 use crate::payload::{now_ns, Header};
 use crate::scenario::{Scenario, SubscriberPlan};
@@ -79,7 +80,12 @@ async fn run(events: mpsc::UnboundedSender<Event>) -> anyhow::Result<()> {
                 .run(lines)
                 .await
         }
-        other => bail!("no worker driver for {} yet", other.name()),
+        TargetKind::Nats => Worker::new(NatsDriver, plan, events).run(lines).await,
+        TargetKind::Sockudo => {
+            Worker::new(SockudoDriver::default(), plan, events)
+                .run(lines)
+                .await
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! subjects, Pusher channels) and maps a wildcard subscription to a pattern matching exactly that room.
 
 pub(crate) mod herald;
+pub(crate) mod peers;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
