@@ -628,7 +628,7 @@ async fn the_peer_service_requires_the_cluster_secret() {
         publishes: vec![ForwardedPublish {
             seq: 1,
             rooms: vec![r#"{"r":1}"#.into()],
-            data_json: b"\"hi\"".to_vec(),
+            data_json: b"\"hi\"".to_vec().into(),
             ..ForwardedPublish::default()
         }],
     };

@@ -577,7 +577,7 @@ fn next_batch(
         publishes.push(ForwardedPublish {
             seq: *seq,
             rooms: forward.rooms.to_vec(),
-            data_json: forward.data.to_vec(),
+            data_json: forward.data.clone(),
             users: forward.users.to_vec(),
             connections: forward.connections.to_vec(),
             all: forward.all,
@@ -657,7 +657,7 @@ mod tests {
         let one = encoded_size(&pending[0]);
         let batch = next_batch(&shared, &mut pending, one, &mut seq);
         assert_eq!(batch.publishes.len(), 1);
-        assert_eq!(batch.publishes[0].data_json, b"3");
+        assert_eq!(&batch.publishes[0].data_json[..], b"3");
         // One that fits none drops (and counts) instead of wedging the link.
         pending.push_back(forward(&"x".repeat(100)));
         let batch = next_batch(&shared, &mut pending, one, &mut seq);

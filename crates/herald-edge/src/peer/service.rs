@@ -102,7 +102,7 @@ fn targets(publish: ForwardedPublish, origin: &str, metrics: &Metrics) -> (Vec<T
     if publish.all {
         targets.push(Target::All);
     }
-    (targets, Bytes::from(publish.data_json))
+    (targets, publish.data_json)
 }
 
 fn parse_room(canonical: &str) -> Option<Room> {
@@ -125,7 +125,7 @@ mod tests {
                 r#"{"nested":{"x":1}}"#.into(),
                 "[]".into(),
             ],
-            data_json: b"{}".to_vec(),
+            data_json: Bytes::from_static(b"{}"),
             users: vec!["u".into()],
             connections: vec!["c".into()],
             all: true,
