@@ -24,6 +24,8 @@ const DOCUMENTED_SERIES: &[&str] = &[
     "herald_bootstrap_requests_total",
     "herald_publish_to_delivery_seconds",
     "herald_bootstrap_duration_seconds",
+    "herald_rpc_requests_total",
+    "herald_rpc_duration_seconds",
 ];
 
 #[tokio::test]

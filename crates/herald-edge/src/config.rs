@@ -38,6 +38,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Cluster membership: the registry to register with and the peer listener. Empty `registry`: single node.
     pub cluster: ClusterConfig,
+    /// Client RPC to the backend.
+    pub rpc: RpcConfig,
 }
 
 impl Default for Config {
@@ -53,6 +55,7 @@ impl Default for Config {
             limits: Limits::default(),
             shutdown: ShutdownConfig::default(),
             cluster: ClusterConfig::default(),
+            rpc: RpcConfig::default(),
         }
     }
 }
@@ -101,6 +104,47 @@ impl ClusterConfig {
     }
 }
 
+/// Client RPC: `{"type":"rpc"}` frames the edge turns into POSTs to the backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RpcConfig {
+    /// Where calls go (`{url}<method>`); empty means `{auth.api-url}rpc/`, and RPC is off when both are empty.
+    pub url: String,
+    /// How long the backend may take to answer one call.
+    pub timeout_ms: u64,
+    /// Calls one connection may have in flight; more are answered `rpc-busy`.
+    pub max_in_flight_per_connection: usize,
+    /// Calls the whole node may have in flight; more are answered `rpc-busy`.
+    pub max_in_flight: usize,
+    /// The largest backend answer relayed; larger is `rpc-failed`.
+    pub max_response_bytes: usize,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            url: String::new(),
+            timeout_ms: 10_000,
+            max_in_flight_per_connection: 8,
+            max_in_flight: 1_024,
+            max_response_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// The RPC root calls go to, if RPC is on: `rpc.url`, else `{auth.api-url}rpc/`.
+    pub fn rpc_url(&self) -> Option<String> {
+        if !self.rpc.url.is_empty() {
+            Some(self.rpc.url.clone())
+        } else if !self.auth.api_url.is_empty() {
+            Some(format!("{}rpc/", self.auth.api_url))
+        } else {
+            None
+        }
+    }
+}
+
 /// Which authorization method connections go through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -130,6 +174,8 @@ pub struct AuthConfig {
     pub jwt: JwtConfig,
     /// Rooms every connection may subscribe to under the `static` method.
     pub static_rooms: Vec<Value>,
+    /// RPC methods every connection may call under the `static` method (`*` for any).
+    pub static_methods: Vec<String>,
     /// Keys that backends present to the publish APIs. Empty means the APIs refuse everyone (outside dev).
     pub api_keys: Vec<String>,
 }
@@ -143,6 +189,7 @@ impl Default for AuthConfig {
             forward_headers: vec![],
             jwt: JwtConfig::default(),
             static_rooms: vec![],
+            static_methods: vec![],
             api_keys: vec![],
         }
     }
@@ -391,6 +438,35 @@ impl Config {
                 return invalid("cluster.peer-queue must be greater than 0".into());
             }
         }
+        let rpc_url_ok = self.rpc.url.starts_with("http://") && self.rpc.url.ends_with('/');
+        if !self.rpc.url.is_empty() && !rpc_url_ok {
+            return invalid(format!(
+                "rpc.url must be an http:// URL ending in /, not {:?}",
+                self.rpc.url
+            ));
+        }
+        for (i, method) in self.auth.static_methods.iter().enumerate() {
+            if method != "*" && !herald_protocol::cmd::is_valid_method(method) {
+                return invalid(format!(
+                    "auth.static-methods[{i}]: {method:?} is not a method name (letters, digits, _ - ., at most \
+                     {} bytes) or *",
+                    herald_protocol::cmd::MAX_METHOD_LEN
+                ));
+            }
+        }
+        for (name, value) in [
+            ("rpc.timeout-ms", self.rpc.timeout_ms as usize),
+            (
+                "rpc.max-in-flight-per-connection",
+                self.rpc.max_in_flight_per_connection,
+            ),
+            ("rpc.max-in-flight", self.rpc.max_in_flight),
+            ("rpc.max-response-bytes", self.rpc.max_response_bytes),
+        ] {
+            if value == 0 {
+                return invalid(format!("{name} must be greater than 0"));
+            }
+        }
         if self.auth.api_keys.iter().any(String::is_empty) {
             return invalid("auth.api-keys must not contain an empty key".into());
         }
@@ -461,6 +537,7 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("auth.jwt.leeway-secs", "Clock skew tolerated on `exp`."),
     ("auth.jwt.rs256-public-key", "PEM public key verifying RS256 tokens."),
     ("auth.method", "`bootstrap`, `jwt` or `static`; inferred from what is configured when empty. Outside dev mode one is required."),
+    ("auth.static-methods", "RPC methods every connection may call under the `static` method (`*` for any). Bootstrap answers and JWTs list them in `allowed_methods`."),
     ("auth.static-rooms", "Rooms every connection may subscribe to under the `static` method."),
     ("cluster.advertise-host", "The host other edges use to reach this edge's peer listener; empty means `server-host`."),
     ("cluster.edge-id", "This edge's id in the cluster; empty means `edge-<advertise-host>-<peer-port>`."),
@@ -484,6 +561,11 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("limits.outbound-queue-frames", "Frames queued for one connection before it is closed as a slow consumer (4008)."),
     ("log-format", "`text` or `json`."),
     ("log-level", "Log filter, e.g. `info` or `herald_edge=debug` (`RUST_LOG` overrides it)."),
+    ("rpc.max-in-flight", "RPC calls the node may have in flight; more are answered `rpc-busy`."),
+    ("rpc.max-in-flight-per-connection", "RPC calls one connection may have in flight; more are answered `rpc-busy`."),
+    ("rpc.max-response-bytes", "Largest backend answer to an RPC; larger is `rpc-failed`."),
+    ("rpc.timeout-ms", "How long the backend may take to answer an RPC before the client gets `rpc-timeout`."),
+    ("rpc.url", "Where client RPCs are POSTed (`{url}<method>`); empty means `{auth.api-url}rpc/`, and RPC is off when both are empty. `http://` only."),
     ("server-host", "Address both listeners bind."),
     ("server-port", "Port of the WebSocket + HTTP listener (`/ws/`, publish APIs, health, metrics, demo page)."),
     ("shutdown.drain-delay-ms", "On SIGTERM/SIGINT, how long `/readyz` fails (and new upgrades are refused) before sockets are closed with 1001."),

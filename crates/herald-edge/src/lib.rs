@@ -30,6 +30,7 @@ pub mod peer;
 pub mod peer_queue;
 pub mod publish;
 pub mod registry_link;
+mod rpc;
 pub mod server;
 mod ws;
 

@@ -153,6 +153,11 @@ pub struct Metrics {
     pub publish_to_delivery: Histogram,
     /// Time a bootstrap call took.
     pub bootstrap_duration: Histogram,
+    /// Client RPCs, by result: answered by the backend (`success`, `failed`, `timeout`) or refused by the edge
+    /// (`not_allowed`, `busy`, `invalid`).
+    pub rpc_calls: LabeledCounter,
+    /// Time an RPC call to the backend took.
+    pub rpc_duration: Histogram,
     /// Publishes forwarded to peer edges and acknowledged by them (one per peer).
     pub peer_forwards: Counter,
     /// Forwards to peer edges that were lost, by reason: the peer's queue was full, the stream broke with them
@@ -227,6 +232,19 @@ impl Default for Metrics {
             ),
             publish_to_delivery: Histogram::default(),
             bootstrap_duration: Histogram::default(),
+            rpc_calls: LabeledCounter::new(
+                "result",
+                &[
+                    "success",
+                    "failed",
+                    "timeout",
+                    "not_allowed",
+                    "busy",
+                    "invalid",
+                    "other",
+                ],
+            ),
+            rpc_duration: Histogram::default(),
             peer_forwards: Counter::default(),
             peer_forward_drops: LabeledCounter::new(
                 "reason",
@@ -346,6 +364,18 @@ impl Metrics {
             "herald_bootstrap_duration_seconds",
             "Time a bootstrap call to the backend took.",
             &self.bootstrap_duration,
+        );
+        labeled(
+            &mut out,
+            "herald_rpc_requests_total",
+            "Client RPCs, by result.",
+            &self.rpc_calls,
+        );
+        histogram(
+            &mut out,
+            "herald_rpc_duration_seconds",
+            "Time an RPC call to the backend took.",
+            &self.rpc_duration,
         );
         counter(
             &mut out,

@@ -60,6 +60,8 @@ pub struct State {
     pub(crate) ws_tasks: TaskTracker,
     /// Set when this edge is a cluster member: publishes are also forwarded to the peer edges that want them.
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// Set when client RPC is configured.
+    pub(crate) rpc: Option<Arc<crate::rpc::RpcClient>>,
 }
 
 impl State {
@@ -74,6 +76,7 @@ impl State {
             .map_or_else(|| Arc::new(Metrics::default()), |c| c.metrics().clone());
         let authorizer = Authorizer::from_config(&config.auth, config.dev)?;
         let api_keys = ApiKeys::new(&config.auth.api_keys, config.dev);
+        let rpc = crate::rpc::RpcClient::from_config(&config)?.map(Arc::new);
         if matches!(authorizer, Authorizer::AllowAll) {
             tracing::warn!(
                 "DEV MODE: no auth configured, every connection may subscribe to ANY room. \
@@ -105,6 +108,7 @@ impl State {
             ws_tasks: TaskTracker::new(),
             config,
             cluster,
+            rpc,
         })
     }
 

@@ -18,12 +18,13 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use herald_protocol::cmd::StatusCounters;
+use herald_protocol::cmd::{Rpc, StatusCounters};
 use herald_protocol::{reply, Command, ErrorCode, ProtocolError, RequestId};
 
-use crate::auth::Grant;
+use crate::auth::{Grant, Methods};
 use crate::hub::{Conn, SubscribeError};
 use crate::outbound::{self, Outbound};
+use crate::rpc::{RpcClient, RpcOutcome};
 use crate::server::State;
 
 /// How long a refused connection keeps its socket after `{"is_authorized": false}` before the close, as
@@ -142,6 +143,20 @@ async fn run_connection(
         reader_done.clone(),
     ));
 
+    // What a connection needs for its RPCs: the credentials bootstrap forwarded, taken from the upgrade request
+    // now (the request is gone afterwards), the methods it may call, and its share of in-flight calls.
+    let rpc = match (&grant, &state.rpc) {
+        (Ok(grant), Some(client)) => Some(ConnectionRpc {
+            client: client.clone(),
+            credentials: Arc::new(crate::auth::forwarded_headers(
+                &parts,
+                client.extra_headers(),
+            )),
+            methods: grant.methods.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(client.per_connection())),
+        }),
+        _ => None,
+    };
     let conn = match grant {
         Ok(grant) => {
             let conn =
@@ -172,6 +187,8 @@ async fn run_connection(
         conn: conn.as_ref(),
         outbound: &outbound,
         bucket: TokenBucket::new(limits.inbound_messages_per_second, limits.inbound_burst),
+        rpc,
+        ended: reader_done.clone(),
     };
     reader.run(&mut read).await;
     reader_done.cancel();
@@ -187,6 +204,18 @@ struct Reader<'a> {
     conn: Option<&'a Arc<Conn>>,
     outbound: &'a Arc<Outbound>,
     bucket: TokenBucket,
+    /// `None` when RPC is not configured on this node.
+    rpc: Option<ConnectionRpc>,
+    /// Cancelled when the connection's reader stops: its RPCs in flight are abandoned.
+    ended: CancellationToken,
+}
+
+/// One connection's RPC rights and budget.
+struct ConnectionRpc {
+    client: Arc<RpcClient>,
+    credentials: Arc<http::HeaderMap>,
+    methods: Methods,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Reader<'_> {
@@ -352,6 +381,7 @@ impl Reader<'_> {
                     ErrorCode::NonJsonMessage => "non_json",
                     ErrorCode::NoRequestId => "no_request_id",
                     ErrorCode::InvalidRoom => "invalid_room",
+                    ErrorCode::InvalidMethod => "invalid_method",
                     _ => "bad_type",
                 });
                 self.error(error);
@@ -388,6 +418,7 @@ impl Reader<'_> {
                     self.send(reply::error(ErrorCode::NotSubscribed, &unsub.request_id));
                 }
             }
+            Command::Rpc(rpc) => self.start_rpc(conn, rpc),
             Command::Status(status) => {
                 let counters = StatusCounters {
                     open_connections: self.state.hub.connection_count() as u64,
@@ -401,6 +432,66 @@ impl Reader<'_> {
                 self.send(status.reply(&counters));
             }
         }
+    }
+}
+
+impl Reader<'_> {
+    /// Checks an RPC against the connection's rights and budgets, then runs it in its own task: the reader goes
+    /// on reading while the backend works, and the answer is queued like any other frame.
+    fn start_rpc(&self, conn: &Arc<Conn>, rpc: Rpc) {
+        let metrics = &self.state.metrics;
+        let refuse = |code: ErrorCode, result: &str| {
+            metrics.rpc_calls.inc(result);
+            tracing::debug!(connection = %conn.id, method = %rpc.method, code = code.as_str(), "rpc refused");
+            self.send(reply::rpc_error(code, &rpc.request_id, None));
+        };
+        let Some(rights) = &self.rpc else {
+            return refuse(ErrorCode::MethodNotAllowed, "not_allowed");
+        };
+        if !rights.methods.allows(&rpc.method) {
+            return refuse(ErrorCode::MethodNotAllowed, "not_allowed");
+        }
+        let Ok(connection_slot) = rights.in_flight.clone().try_acquire_owned() else {
+            return refuse(ErrorCode::RpcBusy, "busy");
+        };
+        let Some(node_slot) = rights.client.try_reserve() else {
+            return refuse(ErrorCode::RpcBusy, "busy");
+        };
+        let client = rights.client.clone();
+        let credentials = rights.credentials.clone();
+        let outbound = self.outbound.clone();
+        let metrics = metrics.clone();
+        let ended = self.ended.clone();
+        let connection = conn.id.clone();
+        let user = conn.user_id.clone();
+        tokio::spawn(async move {
+            let _slots = (connection_slot, node_slot);
+            let call = client.call(
+                &rpc.method,
+                rpc.data,
+                &credentials,
+                &connection,
+                user.as_deref(),
+                &metrics,
+            );
+            let outcome = tokio::select! {
+                outcome = call => outcome,
+                // Nobody is left to answer: drop the call (and its connection to the backend).
+                _ = ended.cancelled() => return,
+            };
+            let frame = match outcome {
+                RpcOutcome::Success(data) => reply::rpc_success(&rpc.request_id, &data),
+                RpcOutcome::Timeout => {
+                    tracing::info!(connection = %connection, method = %rpc.method, "rpc timed out");
+                    reply::rpc_error(ErrorCode::RpcTimeout, &rpc.request_id, None)
+                }
+                RpcOutcome::Failed { status, reason } => {
+                    tracing::info!(connection = %connection, method = %rpc.method, reason = %reason, "rpc failed");
+                    reply::rpc_error(ErrorCode::RpcFailed, &rpc.request_id, status)
+                }
+            };
+            let _ = outbound.push_text(Bytes::from(frame), None);
+        });
     }
 }
 

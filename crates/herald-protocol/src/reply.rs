@@ -30,6 +30,16 @@ pub enum ErrorCode {
     RateLimited,
     /// A binary frame: the protocol is JSON text.
     BinaryNotSupported,
+    /// An RPC whose `method` is missing or not a valid name.
+    InvalidMethod,
+    /// An RPC method the connection may not call (or no RPC backend is configured).
+    MethodNotAllowed,
+    /// The backend did not answer an RPC in time.
+    RpcTimeout,
+    /// The backend answered an RPC with an error status, an unreadable body, or could not be reached.
+    RpcFailed,
+    /// The connection (or the node) already has its maximum of RPCs in flight.
+    RpcBusy,
 }
 
 impl ErrorCode {
@@ -45,6 +55,11 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too-many-subscriptions",
             ErrorCode::RateLimited => "rate-limited",
             ErrorCode::BinaryNotSupported => "binary-not-supported",
+            ErrorCode::InvalidMethod => "invalid-method",
+            ErrorCode::MethodNotAllowed => "method-not-allowed",
+            ErrorCode::RpcTimeout => "rpc-timeout",
+            ErrorCode::RpcFailed => "rpc-failed",
+            ErrorCode::RpcBusy => "rpc-busy",
         }
     }
 }
@@ -62,6 +77,26 @@ pub fn success(request_id: &RequestId) -> String {
 pub fn error(code: ErrorCode, request_id: &RequestId) -> String {
     format!(
         r#"{{"code":"error","message":"{}","requestId":{}}}"#,
+        code.as_str(),
+        request_id.as_json()
+    )
+}
+
+/// `{"type":"rpc","code":"success","data":D,"requestId":X}`: the backend's answer to an RPC. `data_json` must be
+/// valid JSON text (the edge checks the backend's body before it gets here).
+pub fn rpc_success(request_id: &RequestId, data_json: &str) -> String {
+    format!(
+        r#"{{"type":"rpc","code":"success","data":{data_json},"requestId":{}}}"#,
+        request_id.as_json()
+    )
+}
+
+/// `{"type":"rpc","code":"error","message":M,"requestId":X}`, with `"status":N` when the backend answered with
+/// an HTTP error status.
+pub fn rpc_error(code: ErrorCode, request_id: &RequestId, status: Option<u16>) -> String {
+    let status = status.map_or(String::new(), |s| format!(r#","status":{s}"#));
+    format!(
+        r#"{{"type":"rpc","code":"error","message":"{}"{status},"requestId":{}}}"#,
         code.as_str(),
         request_id.as_json()
     )
@@ -129,6 +164,28 @@ impl DeliveryTemplate {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn rpc_answers_are_json_with_the_request_id() {
+        let rid = RequestId::from_json(json!("r-1")).unwrap();
+        let ok: Value = serde_json::from_str(&rpc_success(&rid, r#"{"x":[1]}"#)).unwrap();
+        assert_eq!(
+            ok,
+            json!({"type":"rpc","code":"success","data":{"x":[1]},"requestId":"r-1"})
+        );
+        let failed: Value =
+            serde_json::from_str(&rpc_error(ErrorCode::RpcFailed, &rid, Some(503))).unwrap();
+        assert_eq!(
+            failed,
+            json!({"type":"rpc","code":"error","message":"rpc-failed","status":503,"requestId":"r-1"})
+        );
+        let timeout: Value =
+            serde_json::from_str(&rpc_error(ErrorCode::RpcTimeout, &rid, None)).unwrap();
+        assert_eq!(
+            timeout,
+            json!({"type":"rpc","code":"error","message":"rpc-timeout","requestId":"r-1"})
+        );
+    }
 
     #[test]
     fn delivery_frames_are_valid_json_with_the_request_id() {

@@ -21,7 +21,10 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use super::{parse_allowed_rooms, query_param, AuthConfigError, Denial, Grant, Permissions};
+use super::{
+    parse_allowed_methods, parse_allowed_rooms, query_param, AuthConfigError, Denial, Grant,
+    Permissions,
+};
 use crate::metrics::Metrics;
 
 /// A bootstrap answer larger than this is refused (it is a list of rooms, not a payload).
@@ -46,11 +49,7 @@ impl BootstrapAuth {
         let url = format!("{api_url}bootstrap/")
             .parse()
             .map_err(|e| AuthConfigError::new("auth.api-url", e))?;
-        let extra_headers = extra_headers
-            .iter()
-            .map(|h| HeaderName::try_from(h.as_str()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| AuthConfigError::new("auth.forward-headers", e))?;
+        let extra_headers = parse_header_names(&extra_headers)?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
@@ -65,29 +64,8 @@ impl BootstrapAuth {
 
     fn build_request(&self, ws: &Parts) -> Request<Empty<Bytes>> {
         let mut request = Request::get(self.url.clone());
-        let headers = request.headers_mut().expect("a fresh builder has headers");
-        for name in [
-            http::header::COOKIE,
-            http::header::USER_AGENT,
-            HeaderName::from_static("x-real-ip"),
-        ]
-        .iter()
-        .chain(&self.extra_headers)
-        {
-            for value in ws.headers.get_all(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if let Some(csrf) = cookie(&ws.headers, "csrftoken") {
-            if let Ok(value) = HeaderValue::from_str(&csrf) {
-                headers.insert("x-csrftoken", value);
-            }
-        }
-        if let Some(token) = query_param(&ws.uri, "token") {
-            if let Ok(value) = HeaderValue::from_str(&format!("Token {token}")) {
-                headers.insert(http::header::AUTHORIZATION, value);
-            }
-        }
+        *request.headers_mut().expect("a fresh builder has headers") =
+            forwarded_headers(ws, &self.extra_headers);
         request.body(Empty::new()).expect("valid request")
     }
 
@@ -128,6 +106,45 @@ impl BootstrapAuth {
     }
 }
 
+/// The client's credentials as High-templar forwards them to its backend: `Cookie`, `User-Agent`, `X-Real-IP`,
+/// `X-CSRFToken` from the `csrftoken` cookie, `Authorization: Token <t>` from `?token=<t>`, plus the `extra`
+/// headers (`auth.forward-headers`). Bootstrap calls and client RPCs carry the same set.
+pub(crate) fn forwarded_headers(ws: &Parts, extra: &[HeaderName]) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    for name in [
+        http::header::COOKIE,
+        http::header::USER_AGENT,
+        HeaderName::from_static("x-real-ip"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        for value in ws.headers.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(csrf) = cookie(&ws.headers, "csrftoken") {
+        if let Ok(value) = HeaderValue::from_str(&csrf) {
+            headers.insert("x-csrftoken", value);
+        }
+    }
+    if let Some(token) = query_param(&ws.uri, "token") {
+        if let Ok(value) = HeaderValue::from_str(&format!("Token {token}")) {
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
+    }
+    headers
+}
+
+/// `auth.forward-headers` as header names.
+pub(crate) fn parse_header_names(names: &[String]) -> Result<Vec<HeaderName>, AuthConfigError> {
+    names
+        .iter()
+        .map(|h| HeaderName::try_from(h.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| AuthConfigError::new("auth.forward-headers", e))
+}
+
 /// Turns a 200 body into a grant.
 pub(crate) fn parse_answer(body: &[u8]) -> Result<Grant, Denial> {
     let value: Value = serde_json::from_slice(body)
@@ -139,6 +156,7 @@ pub(crate) fn parse_answer(body: &[u8]) -> Result<Grant, Denial> {
         .remove("allowed_rooms")
         .unwrap_or(Value::Array(vec![]));
     let rooms = parse_allowed_rooms(&allowed_rooms)?;
+    let methods = parse_allowed_methods(answer.remove("allowed_methods"))?;
     let user_id = match answer.remove("user_id") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),
@@ -154,6 +172,7 @@ pub(crate) fn parse_answer(body: &[u8]) -> Result<Grant, Denial> {
         permissions: Permissions::Rooms(rooms),
         allowed_rooms,
         user_id,
+        methods,
     })
 }
 
@@ -179,8 +198,16 @@ mod tests {
         let grant = parse_answer(br#"{"allowed_rooms":[{"a":"*"}],"user_id":42}"#).unwrap();
         assert_eq!(grant.user_id.as_deref(), Some("42"));
         assert!(matches!(grant.permissions, Permissions::Rooms(ref r) if r.len() == 1));
+        assert!(
+            !grant.methods.allows("anything"),
+            "no allowed_methods, no RPC"
+        );
         let grant = parse_answer(br#"{}"#).unwrap();
         assert_eq!(grant.allowed_rooms, serde_json::json!([]));
+        let grant = parse_answer(br#"{"allowed_methods":["orders.list","ping"]}"#).unwrap();
+        assert!(grant.methods.allows("ping") && !grant.methods.allows("orders"));
+        let grant = parse_answer(br#"{"allowed_methods":["*"]}"#).unwrap();
+        assert!(grant.methods.allows("orders"));
     }
 
     #[test]
@@ -193,6 +220,9 @@ mod tests {
             br#"{"allowed_rooms":[{"a":[1]}]}"#,
             br#"{"allowed_rooms":{"a":1}}"#,
             br#"{"allowed_rooms":[],"user_id":{"x":1}}"#,
+            br#"{"allowed_methods":"orders"}"#,
+            br#"{"allowed_methods":["a/b"]}"#,
+            br#"{"allowed_methods":[1]}"#,
         ] {
             let denial = parse_answer(body).unwrap_err();
             assert_eq!(

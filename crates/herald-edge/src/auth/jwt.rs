@@ -1,7 +1,8 @@
 //! JWT authorization: a token in `?token=` or `Authorization: Bearer`, signed with HS256, RS256 or ES256.
 //!
-//! Claims: `exp` (required; expired tokens are refused), `sub` (the user id, optional) and `allowed_rooms`
-//! (a list of rooms, optional, empty when absent). The token's `alg` header picks the key; an algorithm with no
+//! Claims: `exp` (required; expired tokens are refused), `sub` (the user id, optional), `allowed_rooms`
+//! (a list of rooms, optional, empty when absent) and `allowed_methods` (RPC method names or `*`, optional, none
+//! when absent). The token's `alg` header picks the key; an algorithm with no
 //! configured key is refused, so a token can never choose a weaker check than the operator configured.
 
 use http::request::Parts;
@@ -9,7 +10,10 @@ use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{parse_allowed_rooms, query_param, AuthConfigError, Denial, Grant, Permissions};
+use super::{
+    parse_allowed_methods, parse_allowed_rooms, query_param, AuthConfigError, Denial, Grant,
+    Permissions,
+};
 use crate::config::JwtConfig;
 
 /// Verifies connection tokens.
@@ -32,6 +36,8 @@ struct Claims {
     sub: Option<Value>,
     #[serde(default)]
     allowed_rooms: Option<Value>,
+    #[serde(default)]
+    allowed_methods: Option<Value>,
 }
 
 impl JwtAuth {
@@ -87,6 +93,7 @@ impl JwtAuth {
             .map_err(|e| Denial::new("refused", format!("token rejected: {e}")))?;
         let allowed_rooms = data.claims.allowed_rooms.unwrap_or(Value::Array(vec![]));
         let rooms = parse_allowed_rooms(&allowed_rooms)?;
+        let methods = parse_allowed_methods(data.claims.allowed_methods)?;
         let user_id = match data.claims.sub {
             Some(Value::String(s)) => Some(s),
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -96,6 +103,7 @@ impl JwtAuth {
             permissions: Permissions::Rooms(rooms),
             allowed_rooms,
             user_id,
+            methods,
         })
     }
 }

@@ -19,6 +19,7 @@ use crate::config::{AuthConfig, AuthMethod};
 use crate::metrics::Metrics;
 
 pub use bootstrap::BootstrapAuth;
+pub(crate) use bootstrap::{forwarded_headers, parse_header_names};
 pub use jwt::JwtAuth;
 
 /// What a connection may subscribe to.
@@ -49,6 +50,64 @@ pub struct Grant {
     pub allowed_rooms: Value,
     /// The user, when the method names one.
     pub user_id: Option<String>,
+    /// The RPC methods it may call.
+    pub methods: Methods,
+}
+
+/// The RPC methods a connection may call.
+#[derive(Debug, Clone)]
+pub enum Methods {
+    /// Any (dev mode without auth, or `*` listed).
+    All,
+    /// Only these.
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl Methods {
+    /// Whether `method` may be called.
+    pub fn allows(&self, method: &str) -> bool {
+        match self {
+            Methods::All => true,
+            Methods::Only(methods) => methods.contains(method),
+        }
+    }
+
+    /// From a list of names, where `*` allows any.
+    fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Methods {
+        let mut only = std::collections::BTreeSet::new();
+        for name in names {
+            if name == "*" {
+                return Methods::All;
+            }
+            only.insert(name.to_string());
+        }
+        Methods::Only(only)
+    }
+}
+
+/// Parses `allowed_methods` from a bootstrap answer or a token: absent or null allows none; otherwise a list of
+/// method names (or `*`). Like `allowed_rooms`, one bad element refuses the whole grant.
+pub(crate) fn parse_allowed_methods(value: Option<Value>) -> Result<Methods, Denial> {
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Methods::Only(Default::default())),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(Denial::new("malformed", "allowed_methods is not a list")),
+    };
+    let mut names = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match item.as_str() {
+            Some(name) if name == "*" || herald_protocol::cmd::is_valid_method(name) => {
+                names.push(name)
+            }
+            _ => {
+                return Err(Denial::new(
+                    "malformed",
+                    format!("allowed_methods[{i}] is not a method name: {item}"),
+                ))
+            }
+        }
+    }
+    Ok(Methods::from_names(names))
 }
 
 /// Why a connection was refused. Logged with the reason; the client only learns `{"is_authorized": false}`.
@@ -120,6 +179,8 @@ pub enum Authorizer {
         rooms: Vec<Room>,
         /// As configured, for the first frame.
         json: Value,
+        /// The RPC methods everyone may call.
+        methods: Methods,
     },
 }
 
@@ -144,7 +205,12 @@ impl Authorizer {
                 let json = Value::Array(config.static_rooms.clone());
                 let rooms = parse_allowed_rooms(&json)
                     .map_err(|d| AuthConfigError::new("auth.static-rooms", d.detail))?;
-                Authorizer::Static { rooms, json }
+                let methods = Methods::from_names(config.static_methods.iter().map(String::as_str));
+                Authorizer::Static {
+                    rooms,
+                    json,
+                    methods,
+                }
             }
         })
     }
@@ -156,13 +222,19 @@ impl Authorizer {
                 permissions: Permissions::All,
                 allowed_rooms: Value::Array(vec![]),
                 user_id: None,
+                methods: Methods::All,
             }),
             Authorizer::Bootstrap(bootstrap) => bootstrap.authorize(request, metrics).await,
             Authorizer::Jwt(jwt) => jwt.authorize(request),
-            Authorizer::Static { rooms, json } => Ok(Grant {
+            Authorizer::Static {
+                rooms,
+                json,
+                methods,
+            } => Ok(Grant {
                 permissions: Permissions::Rooms(rooms.clone()),
                 allowed_rooms: json.clone(),
                 user_id: None,
+                methods: methods.clone(),
             }),
         }
     }

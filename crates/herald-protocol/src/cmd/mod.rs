@@ -4,11 +4,13 @@
 //! an error frame. Nothing a client sends can make parsing panic or end the connection.
 
 mod ping;
+mod rpc;
 mod status;
 mod subscribe;
 mod unsubscribe;
 
 pub use ping::Ping;
+pub use rpc::{is_valid_method, Rpc, MAX_METHOD_LEN};
 pub use status::{Status, StatusCounters};
 pub use subscribe::Subscribe;
 pub use unsubscribe::Unsubscribe;
@@ -29,6 +31,8 @@ pub enum Command {
     Unsubscribe(Unsubscribe),
     /// `{"type":"status"}`.
     Status(Status),
+    /// `{"type":"rpc", ...}`: a task for the backend.
+    Rpc(Rpc),
 }
 
 /// A message that is not a valid command, and the error frame it earns.
@@ -65,6 +69,7 @@ impl Command {
             Some("subscribe") => Subscribe::parse(&object, request_id).map(Command::Subscribe),
             Some("unsubscribe") => Unsubscribe::parse(request_id).map(Command::Unsubscribe),
             Some("status") => Ok(Command::Status(Status { request_id })),
+            Some("rpc") => Rpc::parse(&mut object, request_id).map(Command::Rpc),
             _ => Err(ProtocolError::new(
                 ErrorCode::MessageTypeNotAllowed,
                 request_id,
