@@ -334,7 +334,9 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     };
     let mut churn_latency = Latency::default();
     let mut worker_cpu = 0.0;
+    let mut last_delivery = publish_end;
     for f in &finals {
+        last_delivery = last_delivery.max(f.last_delivery_ns);
         delivery.delivered += f.delivered;
         delivery.lost += f.lost;
         delivery.streams_with_loss += f.streams_with_loss;
@@ -366,7 +368,11 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     } else {
         0.0
     };
-    delivery.delivered_per_sec = delivery.delivered as f64 / elapsed.max(1e-9);
+    // Over the publish window plus however long the backlog took to arrive: a server that falls behind and
+    // catches up after the publishers stop does not get credit for the catching up.
+    delivery.delivered_per_sec =
+        delivery.delivered as f64 / ((last_delivery - publish_start) as f64 / 1e9).max(1e-9);
+    delivery.backlog_drain_secs = (last_delivery - publish_end) as f64 / 1e9;
 
     let client_pids = servers.nodes.iter().filter(|n| n.pid.is_some()).count();
     let server_usage: Vec<ServerUsage> = pids
@@ -752,7 +758,7 @@ async fn connect_publishers(
             publisher: p as u32,
             node: node_index as u16,
             rooms: scenario.publisher_rooms(p),
-            interval_ns: (1e9 / per_publisher) as u64,
+            interval_ns: (1e9 / per_publisher).round() as u64,
             start: 0,
             end: 0,
             payload_bytes: scenario.publish.payload_bytes,
@@ -789,11 +795,10 @@ async fn publish_loop<P: Publisher>(
         .name(format!("schedule-{}", s.publisher))
         .spawn(move || {
             let mut seqs = vec![0u64; s.rooms.len()];
-            for k in 0u64.. {
+            // A fixed count (not "until end") so the achieved rate is exactly the target when nothing lags.
+            let count = ((s.end - s.start) as f64 / s.interval_ns.max(1) as f64).round() as u64;
+            for k in 0..count {
                 let intended = s.start + k * s.interval_ns.max(1);
-                if intended >= s.end {
-                    break;
-                }
                 let now = now_ns();
                 if intended > now {
                     std::thread::sleep(Duration::from_nanos(intended - now));

@@ -92,7 +92,10 @@ pub(crate) struct PublishFigures {
 pub(crate) struct DeliveryFigures {
     /// Deliveries to stable subscribers.
     pub(crate) delivered: u64,
+    /// Deliveries over the time from the first publish to the last delivery.
     pub(crate) delivered_per_sec: f64,
+    /// How long deliveries went on after the last publish (a backlog the server was working off).
+    pub(crate) backlog_drain_secs: f64,
     pub(crate) expected: u64,
     pub(crate) lost: u64,
     pub(crate) loss_share: f64,
@@ -220,7 +223,14 @@ impl RunReport {
         let mut row = |k: &str, v: String| {
             let _ = writeln!(md, "| {k} | {v} |");
         };
-        row("deliveries/s", format!("{:.0}", d.delivered_per_sec));
+        row(
+            "deliveries/s (first publish to last delivery)",
+            format!("{:.0}", d.delivered_per_sec),
+        );
+        row(
+            "deliveries still arriving after the last publish",
+            format!("{:.2} s", d.backlog_drain_secs),
+        );
         row(
             "publish rate achieved / target",
             format!("{:.0} / {:.0}", p.achieved_rate, p.target_rate),

@@ -118,6 +118,8 @@ pub(crate) struct FinalReport {
     pub(crate) churn_connected: u64,
     pub(crate) churn_failed: u64,
     pub(crate) churn_to_ack: WireHistogram,
+    /// CLOCK_MONOTONIC ns of the last delivery to a stable subscriber.
+    pub(crate) last_delivery_ns: u64,
     /// The worker's own CPU seconds (user + system).
     pub(crate) cpu_secs: f64,
 }

@@ -119,6 +119,7 @@ struct State {
     /// When slow consumers stop reading (0: not yet known).
     slow_stop_ns: u64,
     delivered: u64,
+    last_delivery_ns: u64,
     delivered_other: u64,
     interval_delivered: u64,
     unparsed: u64,
@@ -158,6 +159,7 @@ impl State {
             return;
         }
         self.delivered += 1;
+        self.last_delivery_ns = now;
         self.interval_delivered += 1;
         let key = (u64::from(h.room) << 32) | u64::from(h.publisher);
         match sub.streams.iter_mut().find(|(k, _)| *k == key) {
@@ -187,6 +189,9 @@ impl State {
         }
     }
 }
+
+/// The longest a connect + subscribe may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A tokio `Instant` for a CLOCK_MONOTONIC timestamp (tokio's clock is CLOCK_MONOTONIC too).
 fn instant_at(ns: u64) -> Instant {
@@ -344,6 +349,7 @@ impl<D: Driver> Worker<D> {
         let mut report = FinalReport {
             delivered: s.delivered,
             delivered_other: s.delivered_other,
+            last_delivery_ns: s.last_delivery_ns,
             unparsed: s.unparsed + s.misrouted,
             close_codes: s.close_codes.clone(),
             same_node: s.same_node.to_wire(),
@@ -394,13 +400,20 @@ async fn connection<D: Driver>(
 ) {
     tokio::time::sleep_until(instant_at(intended)).await;
     let plan = state.borrow().subs[idx].plan;
-    let client = async {
+    let attempt = async {
         let mut client = driver.connect(addr, source).await?;
         let connected = now_ns();
         client.subscribe(plan.room, plan.wildcard).await?;
         anyhow::Ok((client, connected))
-    }
-    .await;
+    };
+    // A server that accepts but never answers must not hold the whole run in the connect phase.
+    let client = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!(
+            "no subscribe acknowledgement within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    };
     let mut client = {
         let mut s = state.borrow_mut();
         s.connect_done += 1;
@@ -462,12 +475,15 @@ async fn churn_connection<D: Driver>(
     intended: u64,
     hold: Duration,
 ) {
-    let result = async {
+    let attempt = async {
         let mut client = driver.connect(addr, source).await?;
         client.subscribe(room, false).await?;
         anyhow::Ok(client)
-    }
-    .await;
+    };
+    let result = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!("no subscribe acknowledgement in time")),
+    };
     let mut client = match result {
         Ok(client) => {
             let mut s = state.borrow_mut();

@@ -71,7 +71,10 @@ fn smoke_scenario_delivers_everything_and_writes_reports() {
     assert!(result["latency"]["same_node"]["count"].as_u64() > Some(0));
 
     let report = std::fs::read_to_string(out.0.join("report.md")).expect("report.md written");
-    assert!(report.contains("| deliveries/s |"), "{report}");
+    assert!(
+        report.contains("| deliveries/s (first publish to last delivery) |"),
+        "{report}"
+    );
     let chart = std::fs::read(out.0.join("chart.png")).expect("chart.png written");
     assert!(
         chart.starts_with(b"\x89PNG\r\n\x1a\n"),
