@@ -49,9 +49,13 @@ pub(crate) struct NatsServer {
 }
 
 impl NatsServer {
-    /// Finds `nats-server` on `PATH` (Debian's package installs `/usr/bin/nats-server`); `None`: not installed.
+    /// Finds `nats-server` (Debian's package installs `/usr/sbin/nats-server`, which a non-root `PATH` may lack),
+    /// then on `PATH`; `None`: not installed.
     pub(crate) fn binary() -> Option<PathBuf> {
-        super::find_binary("nats-server", &[])
+        super::find_binary(
+            "nats-server",
+            &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")],
+        )
     }
 
     /// Writes `nats.conf` into `dir`, starts `binary` with it and waits (up to 10 s) until both listeners accept.

@@ -181,6 +181,9 @@ enabled = false
 [event_limits]
 max_batch_size = 100
 
+[logging]
+colors_enabled = false
+
 [metrics]
 enabled = true
 host = "{metrics_host}"
@@ -452,12 +455,20 @@ fn json_string(text: &str) -> String {
 
 // === impl PusherPublisher ===
 
-/// A publisher on Sockudo's HTTP API over one keep-alive HTTP/1.1 connection. One request is in flight at a
-/// time (HTTP/1.1 without pipelining): for a higher rate than one connection's round trips allow, use several
-/// publishers, or [`publish_batch`](Self::publish_batch).
+/// A publisher on Sockudo's HTTP API, one request at a time over HTTP/1.1.
+///
+/// Sockudo answers every HTTP API request with `Connection: close` (its router adds the header to "prevent idle
+/// HTTP connection buildup"; no setting turns it off), so each request needs a new TCP connection. The publisher
+/// opens the next one as soon as a response has been read, so the handshake happens between publishes rather
+/// than at the start of the next one; [`connections_opened`](Self::connections_opened) counts them. For a high
+/// publish rate use [`publish_batch`](Self::publish_batch) (up to 100 events per request) and several
+/// publishers; do not bind publishers to a source address unless needed, so the kernel can pick ports by
+/// destination (every request leaves a connection in `TIME_WAIT`).
 pub(crate) struct PusherPublisher {
-    sender: SendRequest<Full<Bytes>>,
-    connection: JoinHandle<()>,
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+    connection: Option<HttpConnection>,
+    connections_opened: u64,
     app: PusherApp,
     host: String,
     events_path: String,
@@ -465,29 +476,55 @@ pub(crate) struct PusherPublisher {
     body: Vec<u8>,
 }
 
+/// One HTTP/1.1 client connection and the task driving it (aborted when dropped).
+struct HttpConnection {
+    sender: SendRequest<Full<Bytes>>,
+    task: JoinHandle<()>,
+}
+
+impl HttpConnection {
+    async fn open(addr: SocketAddr, local: Option<IpAddr>) -> Result<Self, PeerError> {
+        let stream = connect_tcp(addr, local).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let task = tokio::spawn(async move {
+            // An error here surfaces as the next request's error.
+            let _ = connection.await;
+        });
+        Ok(Self { sender, task })
+    }
+}
+
+impl Drop for HttpConnection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl PusherPublisher {
-    /// Opens the connection, optionally from the source address `local`.
+    /// Opens the first connection, optionally from the source address `local`.
     pub(crate) async fn connect(
         addr: SocketAddr,
         app: PusherApp,
         local: Option<IpAddr>,
     ) -> Result<Self, PeerError> {
-        let stream = connect_tcp(addr, local).await?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let connection = tokio::spawn(async move {
-            // An error here surfaces as the next request's error.
-            let _ = connection.await;
-        });
+        let connection = HttpConnection::open(addr, local).await?;
         Ok(Self {
-            sender,
-            connection,
+            addr,
+            local,
+            connection: Some(connection),
+            connections_opened: 1,
             events_path: format!("/apps/{}/events", app.id),
             batch_path: format!("/apps/{}/batch_events", app.id),
             app,
             host: addr.to_string(),
             body: Vec::with_capacity(4096),
         })
+    }
+
+    /// How many TCP connections this publisher has opened (Sockudo closes each after one request).
+    pub(crate) fn connections_opened(&self) -> u64 {
+        self.connections_opened
     }
 
     /// Publishes one event carrying `payload` to `channels` (at most 100, Pusher's limit) and waits for the
@@ -573,7 +610,8 @@ impl PusherPublisher {
         result
     }
 
-    /// Signs and sends one POST, then reads the whole response so the connection can be reused.
+    /// Signs and sends one POST and reads the whole response; then, if the server is closing the connection,
+    /// opens the next one.
     async fn post(&mut self, path: &str, body: &[u8]) -> Result<(), PeerError> {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -585,10 +623,25 @@ impl PusherPublisher {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::copy_from_slice(body)))
             .map_err(|err| PeerError::InvalidInput(format!("bad request: {err}")))?;
-        self.sender.ready().await?;
-        let response = self.sender.send_request(request).await?;
+        let mut connection = self.ready_connection().await?;
+        let response = connection.sender.send_request(request).await?;
         let status = response.status();
+        let closing = response
+            .headers()
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .any(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
         let body = response.into_body().collect().await?.to_bytes();
+        if closing || connection.sender.is_closed() {
+            drop(connection);
+            // A failure here is reported by the next publish, which tries again.
+            if let Ok(next) = HttpConnection::open(self.addr, self.local).await {
+                self.connections_opened += 1;
+                self.connection = Some(next);
+            }
+        } else {
+            self.connection = Some(connection);
+        }
         if !status.is_success() {
             return Err(PeerError::Rejected(format!(
                 "HTTP {status}: {}",
@@ -597,11 +650,18 @@ impl PusherPublisher {
         }
         Ok(())
     }
-}
 
-impl Drop for PusherPublisher {
-    fn drop(&mut self) {
-        self.connection.abort();
+    /// A connection ready for a request: the open one, or a new one if the server has closed it.
+    async fn ready_connection(&mut self) -> Result<HttpConnection, PeerError> {
+        if let Some(mut connection) = self.connection.take() {
+            if !connection.sender.is_closed() && connection.sender.ready().await.is_ok() {
+                return Ok(connection);
+            }
+        }
+        let mut connection = HttpConnection::open(self.addr, self.local).await?;
+        self.connections_opened += 1;
+        connection.sender.ready().await?;
+        Ok(connection)
     }
 }
 
