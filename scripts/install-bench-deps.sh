@@ -5,7 +5,7 @@
 # - NATS server (Debian's `nats-server`), run by the harness with its WebSocket listener on loopback.
 # - Sockudo (the crates.io crate `sockudo`, a Rust Pusher-protocol server), built from source into
 #   target/bench-tools/bin/sockudo. It has no Debian package; building it takes a long time on 2 cores
-#   (about 15-25 minutes), so its log goes to target/bench-tools/sockudo-install.log.
+#   (about 30 minutes, 330 crates), so its log goes to target/bench-tools/sockudo-install.log.
 #
 # Sockudo is built without its default features (`--no-default-features --features local`): the defaults add
 # OpenTelemetry export and Sockudo's own "v2" protocol extensions (delta compression, tag filtering, recovery),
@@ -20,8 +20,12 @@ root="${BENCH_TOOLS:-$repo/target/bench-tools}"
 sockudo_bin="$root/bin/sockudo"
 log="$root/sockudo-install.log"
 
+# Debian installs nats-server in /usr/sbin, which a non-root PATH may lack.
+nats_bin="$(command -v nats-server 2>/dev/null || true)"
+[[ -z "$nats_bin" && -x /usr/sbin/nats-server ]] && nats_bin=/usr/sbin/nats-server
+
 need_apt=()
-command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
+[[ -n "$nats_bin" ]] || need_apt+=(nats-server)
 if [[ ! -x "$sockudo_bin" ]]; then
     # Native build inputs of sockudo's dependency tree: openssl-sys (libssl-dev, pkg-config), aws-lc-sys and
     # jemalloc (a C compiler, cmake, perl, make), zlib (libz-sys); prost-build where a crate compiles .proto files.
@@ -42,7 +46,7 @@ if [[ ! -x "$sockudo_bin" ]]; then
     mkdir -p "$root"
     version_arg=()
     [[ -n "${SOCKUDO_VERSION:-}" ]] && version_arg=(--version "$SOCKUDO_VERSION")
-    echo "building sockudo into $root (long: 15-25 min on 2 cores; log: $log)"
+    echo "building sockudo into $root (about 30 min on 2 cores; log: $log)"
     if ! cargo install --locked sockudo "${version_arg[@]}" --root "$root" \
         --no-default-features --features local >"$log" 2>&1; then
         echo "sockudo without default features failed (see $log); trying the default features" >&2
@@ -54,5 +58,6 @@ if [[ ! -x "$sockudo_bin" ]]; then
     fi
 fi
 
-echo "nats-server: $(command -v nats-server) ($(nats-server --version 2>&1))"
+[[ -n "$nats_bin" ]] || nats_bin="$(command -v nats-server 2>/dev/null || echo /usr/sbin/nats-server)"
+echo "nats-server: $nats_bin ($("$nats_bin" --version 2>&1))"
 echo "sockudo:     $sockudo_bin"
