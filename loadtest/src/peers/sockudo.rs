@@ -624,7 +624,17 @@ impl PusherPublisher {
             .body(Full::new(Bytes::copy_from_slice(body)))
             .map_err(|err| PeerError::InvalidInput(format!("bad request: {err}")))?;
         let mut connection = self.ready_connection().await?;
-        let response = connection.sender.send_request(request).await?;
+        let response = match connection.sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut err) => match err.take_message() {
+                // Not written: the server had closed the idle connection. Send it on a new one.
+                Some(request) => {
+                    connection = self.new_connection().await?;
+                    connection.sender.send_request(request).await?
+                }
+                None => return Err(err.into_error().into()),
+            },
+        };
         let status = response.status();
         let closing = response
             .headers()
@@ -658,6 +668,10 @@ impl PusherPublisher {
                 return Ok(connection);
             }
         }
+        self.new_connection().await
+    }
+
+    async fn new_connection(&mut self) -> Result<HttpConnection, PeerError> {
         let mut connection = HttpConnection::open(self.addr, self.local).await?;
         self.connections_opened += 1;
         connection.sender.ready().await?;
