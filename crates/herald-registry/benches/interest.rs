@@ -156,6 +156,11 @@ impl Cluster {
                 ClusterSecret::new(SECRET).unwrap(),
             )
             .with_peers(peers.clone());
+            let mut config = config;
+            if let Ok(n) = std::env::var("HERALD_BENCH_IN_FLIGHT") {
+                config.interest_proposals_in_flight =
+                    n.parse().expect("HERALD_BENCH_IN_FLIGHT is a number");
+            }
             let handle = herald_registry::start(config, listener)
                 .await
                 .expect("member starts");

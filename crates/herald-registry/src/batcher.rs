@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 
@@ -64,19 +65,23 @@ impl InterestBatcher {
             .unwrap_or_else(|_| BatchOutcome::Failed("registry shutting down".into()))
     }
 
-    /// Flushes batches through `propose` until `shutdown` resolves.
-    pub async fn run<P, F>(self, propose: P, shutdown: impl Future<Output = ()>)
-    where
+    /// Flushes batches through `propose` until `shutdown` resolves, with up to `max_in_flight` proposals
+    /// outstanding; every caller is answered from the entry its change landed in. The order of two batches in
+    /// flight does not matter: changes from different edges commute, and an edge has one update in flight.
+    pub async fn run<P, F>(
+        self,
+        propose: P,
+        max_in_flight: usize,
+        shutdown: impl Future<Output = ()>,
+    ) where
         P: Fn(Request) -> F,
         F: Future<Output = Result<Response, String>>,
     {
+        let max_in_flight = max_in_flight.max(1);
         tokio::pin!(shutdown);
+        let mut in_flight = FuturesOrdered::new();
         loop {
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = &mut shutdown => return,
-            }
-            loop {
+            while in_flight.len() < max_in_flight {
                 let batch = self.take_batch();
                 if batch.is_empty() {
                     break;
@@ -90,17 +95,15 @@ impl InterestBatcher {
                         waiting.change
                     })
                     .collect();
-                let outcome = propose(Request::Interest { changes }).await;
-                for (edge, reply) in callers {
-                    let answer = match &outcome {
-                        Ok(response) if response.unknown_edges.contains(&edge) => {
-                            BatchOutcome::UnknownEdge
-                        }
-                        Ok(response) => BatchOutcome::Committed(response.revision),
-                        Err(e) => BatchOutcome::Failed(e.clone()),
-                    };
-                    let _ = reply.send(answer);
+                let proposal = propose(Request::Interest { changes });
+                in_flight.push_back(async move { (proposal.await, callers) });
+            }
+            tokio::select! {
+                Some((outcome, callers)) = in_flight.next(), if !in_flight.is_empty() => {
+                    answer(&outcome, callers);
                 }
+                _ = self.wake.notified(), if in_flight.len() < max_in_flight => {}
+                _ = &mut shutdown => return,
             }
         }
     }
@@ -119,6 +122,20 @@ impl InterestBatcher {
             take += 1;
         }
         queue.drain(..take).collect()
+    }
+}
+
+fn answer(
+    outcome: &Result<Response, String>,
+    callers: Vec<(String, oneshot::Sender<BatchOutcome>)>,
+) {
+    for (edge, reply) in callers {
+        let answer = match outcome {
+            Ok(response) if response.unknown_edges.contains(&edge) => BatchOutcome::UnknownEdge,
+            Ok(response) => BatchOutcome::Committed(response.revision),
+            Err(e) => BatchOutcome::Failed(e.clone()),
+        };
+        let _ = reply.send(answer);
     }
 }
 
@@ -160,6 +177,7 @@ mod tests {
                     })
                 }
             },
+            1,
             async {
                 let _ = stopped.await;
             },
@@ -197,6 +215,7 @@ mod tests {
         let (stop, stopped) = oneshot::channel::<()>();
         let runner = tokio::spawn(batcher.clone().run(
             |_| async { Err("not the leader".to_string()) },
+            1,
             async {
                 let _ = stopped.await;
             },
@@ -204,6 +223,56 @@ mod tests {
         assert_eq!(
             batcher.submit(change("a", "r")).await,
             BatchOutcome::Failed("not the leader".into())
+        );
+        let _ = stop.send(());
+        runner.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn up_to_max_in_flight_proposals_overlap_and_every_caller_is_answered() {
+        let batcher = InterestBatcher::new();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (r, m) = (running.clone(), most.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = tokio::spawn(batcher.clone().run(
+            move |request| {
+                let (r, m) = (r.clone(), m.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    let Request::Interest { changes } = request else {
+                        unreachable!()
+                    };
+                    Ok(Response {
+                        revision: changes.len() as u64,
+                        unknown_edges: vec![],
+                    })
+                }
+            },
+            2,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut waiters = Vec::new();
+        for i in 0..40 {
+            let b = batcher.clone();
+            waiters.push(tokio::spawn(async move {
+                b.submit(change(&format!("e{i}"), "r")).await
+            }));
+            // Spread the submissions so they land in several batches.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        for w in waiters {
+            assert!(matches!(w.await.unwrap(), BatchOutcome::Committed(_)));
+        }
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "two proposals overlapped, never three"
         );
         let _ = stop.send(());
         runner.await.unwrap();

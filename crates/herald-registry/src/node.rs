@@ -72,7 +72,13 @@ pub struct RegistryConfig {
     /// The cap on one raft message (and on one request to the registry service), either way. Default
     /// [`DEFAULT_MAX_RAFT_MESSAGE_BYTES`].
     pub max_raft_message_bytes: usize,
+    /// Interest entries the leader keeps proposed but not yet committed at once (default
+    /// [`DEFAULT_INTEREST_PROPOSALS_IN_FLIGHT`]).
+    pub interest_proposals_in_flight: usize,
 }
+
+/// See [`RegistryConfig::interest_proposals_in_flight`].
+pub const DEFAULT_INTEREST_PROPOSALS_IN_FLIGHT: usize = 1;
 
 impl RegistryConfig {
     /// A member with default tunables whose bootstrap list is just itself.
@@ -92,6 +98,7 @@ impl RegistryConfig {
             lease_sweep: DEFAULT_LEASE_SWEEP,
             raft: RegistryConfig::lan_raft_config(),
             max_raft_message_bytes: DEFAULT_MAX_RAFT_MESSAGE_BYTES,
+            interest_proposals_in_flight: DEFAULT_INTEREST_PROPOSALS_IN_FLIGHT,
         }
     }
 
@@ -387,6 +394,7 @@ pub async fn start(
                         .map_err(|e| e.to_string())
                 }
             },
+            config.interest_proposals_in_flight,
             core.shutdown.clone().cancelled_owned(),
         ))
     };
