@@ -5,6 +5,9 @@ set -euo pipefail
 
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# The loadtest's peer test drives a real NATS server (Debian puts it in /usr/sbin). Sockudo takes about half an
+# hour to build, so only `make bench` (scripts/install-bench-deps.sh) builds it; its test says so and skips.
+command -v nats-server >/dev/null 2>&1 || [[ -x /usr/sbin/nats-server ]] || need_apt+=(nats-server)
 
 if ((${#need_apt[@]})); then
     echo "installing: ${need_apt[*]}"
