@@ -439,7 +439,7 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
             delivery.unparsed_or_misrouted
         ));
     }
-    let report = RunReport {
+    let mut report = RunReport {
         scenario: scenario.clone(),
         target: opts.target.name().to_owned(),
         publish_api: match (opts.target, opts.publish_api) {
@@ -474,7 +474,12 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
         notes,
         passed: failures.is_empty(),
         failures,
+        targets: Vec::new(),
+        targets_missed: 0,
+        targets_not_measured: 0,
+        verdict: String::new(),
     };
+    report.judge_targets();
     report.write(&opts.out)?;
     drop(servers);
     Ok(report)

@@ -34,7 +34,219 @@ pub(crate) struct RunReport {
     pub(crate) notes: Vec<String>,
     /// Why the run failed; empty when it passed.
     pub(crate) failures: Vec<String>,
+    /// The run was correct (no loss, duplication, reordering or connect failures beyond the scenario's `pass`
+    /// limits). Performance targets do not affect it: see `targets`.
     pub(crate) passed: bool,
+    /// Each of the scenario's `[targets]`, measured (filled in by [`RunReport::judge_targets`]).
+    pub(crate) targets: Vec<TargetResult>,
+    pub(crate) targets_missed: usize,
+    pub(crate) targets_not_measured: usize,
+    /// The verdict line, e.g. "passed, all 3 targets met" or "correct, 2 of 3 targets missed".
+    pub(crate) verdict: String,
+}
+
+/// How a run did against one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum TargetStatus {
+    Met,
+    Missed,
+    /// The run has no figure to compare (e.g. no server PIDs for RSS, a peer without disconnect metrics).
+    NotMeasured,
+}
+
+/// One target and what the run measured.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TargetResult {
+    /// The scenario key, e.g. `max_p99_ms`.
+    pub(crate) key: String,
+    /// The figure, e.g. "p99 latency, cross-node".
+    pub(crate) figure: String,
+    /// The limit in `unit`.
+    pub(crate) limit: f64,
+    /// At least (`min_` targets) or at most (`max_` targets) the limit.
+    pub(crate) at_least: bool,
+    pub(crate) unit: String,
+    pub(crate) measured: Option<f64>,
+    pub(crate) status: TargetStatus,
+    /// Why the figure is missing, or what stands in for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) note: Option<String>,
+}
+
+impl TargetResult {
+    fn new(key: &str, figure: &str, limit: f64, unit: &str, measured: Option<f64>) -> Self {
+        let at_least = key.starts_with("min_");
+        let status = match measured {
+            None => TargetStatus::NotMeasured,
+            Some(m) if (at_least && m >= limit) || (!at_least && m <= limit) => TargetStatus::Met,
+            Some(_) => TargetStatus::Missed,
+        };
+        TargetResult {
+            key: key.to_owned(),
+            figure: figure.to_owned(),
+            limit,
+            at_least,
+            unit: unit.to_owned(),
+            measured,
+            status,
+            note: None,
+        }
+    }
+
+    fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+
+    /// "at most 25 ms", "at least 500000 deliveries/s".
+    pub(crate) fn target_text(&self) -> String {
+        format!(
+            "{} {}",
+            if self.at_least { "at least" } else { "at most" },
+            format_value(self.limit, &self.unit)
+        )
+    }
+
+    pub(crate) fn measured_text(&self) -> String {
+        if let (None, TargetStatus::Missed, Some(note)) = (self.measured, self.status, &self.note) {
+            return note.clone();
+        }
+        let value = self.measured.map_or_else(
+            || "not measured".to_owned(),
+            |m| format_value(m, &self.unit),
+        );
+        match &self.note {
+            Some(note) => format!("{value} ({note})"),
+            None => value,
+        }
+    }
+
+    pub(crate) fn status_text(&self) -> &'static str {
+        match self.status {
+            TargetStatus::Met => "met",
+            TargetStatus::Missed => "MISSED",
+            TargetStatus::NotMeasured => "not measured",
+        }
+    }
+}
+
+fn format_value(v: f64, unit: &str) -> String {
+    match unit {
+        "ms" => format!("{v:.2} ms"),
+        "s" => format!("{v:.1} s"),
+        "B" => format!("{v:.0} B ({:.1} KiB)", v / 1024.0),
+        _ => format!("{v:.0} {unit}"),
+    }
+}
+
+/// Measures a run against its scenario's targets.
+pub(crate) fn evaluate_targets(report: &RunReport) -> Vec<TargetResult> {
+    let t = &report.scenario.targets;
+    let mut out = Vec::new();
+    if let Some(limit) = t.min_deliveries_per_sec {
+        out.push(TargetResult::new(
+            "min_deliveries_per_sec",
+            "deliveries/s",
+            limit,
+            "deliveries/s",
+            Some(report.delivery.delivered_per_sec),
+        ));
+    }
+    let l = &report.latency;
+    let mut scopes = vec![("all deliveries", &l.all)];
+    if l.same_node.count > 0 && l.cross_node.count > 0 {
+        scopes.push(("same-node", &l.same_node));
+        scopes.push(("cross-node", &l.cross_node));
+    }
+    for (key, name, limit, pick) in [
+        (
+            "max_p50_ms",
+            "p50",
+            t.max_p50_ms,
+            (|p| p.p50_ms) as fn(&Percentiles) -> f64,
+        ),
+        ("max_p99_ms", "p99", t.max_p99_ms, |p| p.p99_ms),
+        ("max_p999_ms", "p99.9", t.max_p999_ms, |p| p.p999_ms),
+    ] {
+        let Some(limit) = limit else { continue };
+        for (scope, p) in &scopes {
+            let measured = (p.count > 0).then(|| pick(p));
+            let r = TargetResult::new(
+                key,
+                &format!("{name} latency, {scope}"),
+                limit,
+                "ms",
+                measured,
+            );
+            out.push(if measured.is_none() {
+                r.note("no latency samples")
+            } else {
+                r
+            });
+        }
+    }
+    if let Some(limit) = t.max_rss_per_connection_bytes {
+        let r = TargetResult::new(
+            "max_rss_per_connection_bytes",
+            "server RSS per connection",
+            limit,
+            "B",
+            report.memory.rss_per_connection_bytes,
+        );
+        out.push(if r.measured.is_none() {
+            r.note("no server RSS: attached without --server-pid, or nothing subscribed")
+        } else {
+            r
+        });
+    }
+    let c = &report.connect;
+    if let Some(limit) = t.min_subscribes_per_sec {
+        out.push(TargetResult::new(
+            "min_subscribes_per_sec",
+            "acknowledged subscribes/s",
+            limit,
+            "subscribes/s",
+            Some(c.subscribes_per_sec),
+        ));
+    }
+    if let Some(limit) = t.max_subscribe_ack_p99_ms {
+        let measured = (c.time_to_ack.count > 0).then_some(c.time_to_ack.p99_ms);
+        let r = TargetResult::new(
+            "max_subscribe_ack_p99_ms",
+            "p99 time to subscribe ack",
+            limit,
+            "ms",
+            measured,
+        );
+        out.push(if measured.is_none() {
+            r.note("no subscribe was acknowledged")
+        } else {
+            r
+        });
+    }
+    if let Some(limit) = t.max_slow_consumer_disconnect_secs {
+        let s = &report.slow_consumers;
+        let key = "max_slow_consumer_disconnect_secs";
+        let figure = "time until every slow consumer was disconnected";
+        let r = TargetResult::new(key, figure, limit, "s", s.all_disconnected_after_secs);
+        out.push(
+            match (s.all_disconnected_after_secs, s.server_disconnects) {
+                (Some(_), _) => r,
+                _ if s.slow_consumers == 0 => r.note("no connection was a slow consumer"),
+                (None, Some(gone)) => {
+                    let mut r = r.note(format!(
+                        "only {gone} of {} disconnected by the end of the run",
+                        s.slow_consumers
+                    ));
+                    r.status = TargetStatus::Missed;
+                    r
+                }
+                (None, None) => r.note("the harness reads disconnects from herald's metrics only"),
+            },
+        );
+    }
+    out
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,6 +379,41 @@ pub(crate) struct TimelinePoint {
 }
 
 impl RunReport {
+    /// Measures the run against the scenario's targets and sets the verdict. Call once the figures are in.
+    pub(crate) fn judge_targets(&mut self) {
+        self.targets = evaluate_targets(self);
+        let count = |s| self.targets.iter().filter(|t| t.status == s).count();
+        self.targets_missed = count(TargetStatus::Missed);
+        self.targets_not_measured = count(TargetStatus::NotMeasured);
+        self.verdict = self.verdict_text();
+    }
+
+    fn verdict_text(&self) -> String {
+        let total = self.targets.len();
+        let mut parts = Vec::new();
+        if self.targets_missed > 0 {
+            parts.push(format!("{} of {total} targets missed", self.targets_missed));
+        }
+        if self.targets_not_measured > 0 {
+            parts.push(format!(
+                "{} of {total} targets not measured",
+                self.targets_not_measured
+            ));
+        }
+        match (self.passed, parts.is_empty()) {
+            (false, true) => "FAILED".to_owned(),
+            (false, false) => format!("FAILED, and {}", parts.join(", ")),
+            (true, false) => format!("correct, {}", parts.join(", ")),
+            (true, true) if total == 0 => "passed (no performance targets)".to_owned(),
+            (true, true) => format!("passed, all {total} targets met"),
+        }
+    }
+
+    /// Every target was met (none missed, none unmeasured): what `--strict-targets` asks for.
+    pub(crate) fn targets_all_met(&self) -> bool {
+        self.targets_missed == 0 && self.targets_not_measured == 0
+    }
+
     /// Writes `result.json`, `report.md` and `chart.png` into `dir`.
     pub(crate) fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -205,15 +452,39 @@ impl RunReport {
         for note in &self.notes {
             let _ = writeln!(md, "Note: {note}\n");
         }
-        let _ = writeln!(
-            md,
-            "**Result: {}**\n",
-            if self.passed { "passed" } else { "FAILED" }
-        );
+        let _ = writeln!(md, "**Result: {}**\n", self.verdict);
         for f in &self.failures {
             let _ = writeln!(md, "- {f}");
         }
-        if !self.failures.is_empty() {
+        for t in self
+            .targets
+            .iter()
+            .filter(|t| t.status != TargetStatus::Met)
+        {
+            let _ = writeln!(
+                md,
+                "- {} target: {} — measured {}, target {}",
+                t.status_text(),
+                t.figure,
+                t.measured_text(),
+                t.target_text()
+            );
+        }
+        if !self.failures.is_empty() || !self.targets_all_met() {
+            md.push('\n');
+        }
+        if !self.targets.is_empty() {
+            md.push_str("Targets:\n\n| target | measured | result |\n|---|---:|---|\n");
+            for t in &self.targets {
+                let _ = writeln!(
+                    md,
+                    "| {} {} | {} | {} |",
+                    t.figure,
+                    t.target_text(),
+                    t.measured_text(),
+                    t.status_text()
+                );
+            }
             md.push('\n');
         }
         let d = &self.delivery;
@@ -313,5 +584,180 @@ impl RunReport {
         }
         row("harness CPU", format!("{:.0}%", self.harness_cpu_percent));
         md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(targets: &str) -> RunReport {
+        let text = format!(
+            "name = \"t\"\nduration_secs = 2\n[clients]\nconnections = 12\nrooms = 3\n\
+             [publish]\nrate = 10\n[slow_consumers]\nshare = 0.5\n[targets]\n{targets}\n"
+        );
+        let p = |p50_ms, p99_ms| Percentiles {
+            count: 100,
+            p50_ms,
+            p90_ms: p50_ms,
+            p99_ms,
+            p999_ms: p99_ms,
+            max_ms: p99_ms,
+        };
+        let mut report = RunReport {
+            scenario: Scenario::parse(&text).unwrap(),
+            target: "herald".into(),
+            publish_api: "gRPC".into(),
+            started_at: 0,
+            machine: Machine {
+                cpus: 2,
+                cpu_model: String::new(),
+            },
+            nodes: 3,
+            workers: 1,
+            connect: ConnectFigures {
+                subscribes_per_sec: 12_000.0,
+                ..ConnectFigures::default()
+            },
+            publish: PublishFigures::default(),
+            delivery: DeliveryFigures {
+                delivered_per_sec: 300_000.0,
+                ..DeliveryFigures::default()
+            },
+            latency: LatencyFigures {
+                all: p(0.8, 30.0),
+                same_node: p(0.5, 4.0),
+                cross_node: p(1.1, 1200.0),
+            },
+            churn: None,
+            slow_consumers: SlowFigures {
+                slow_consumers: 6,
+                server_disconnects: Some(4),
+                all_disconnected_after_secs: None,
+            },
+            servers: Vec::new(),
+            memory: MemoryFigures::default(),
+            harness_cpu_percent: 0.0,
+            timeline: Vec::new(),
+            notes: Vec::new(),
+            failures: Vec::new(),
+            passed: true,
+            targets: Vec::new(),
+            targets_missed: 0,
+            targets_not_measured: 0,
+            verdict: String::new(),
+        };
+        report.judge_targets();
+        report
+    }
+
+    fn statuses(r: &RunReport) -> Vec<(&str, TargetStatus)> {
+        r.targets
+            .iter()
+            .map(|t| (t.figure.as_str(), t.status))
+            .collect()
+    }
+
+    #[test]
+    fn no_targets_keeps_the_plain_verdict() {
+        let r = report("");
+        assert!(r.targets.is_empty());
+        assert_eq!(r.verdict, "passed (no performance targets)");
+        assert!(r
+            .markdown()
+            .contains("**Result: passed (no performance targets)**"));
+        assert!(!r.markdown().contains("Targets:"));
+    }
+
+    #[test]
+    fn met_and_missed_targets() {
+        let r = report(
+            "min_deliveries_per_sec = 250000\nmin_subscribes_per_sec = 12000\nmax_p99_ms = 25",
+        );
+        assert_eq!(
+            statuses(&r),
+            vec![
+                ("deliveries/s", TargetStatus::Met),
+                ("p99 latency, all deliveries", TargetStatus::Missed),
+                ("p99 latency, same-node", TargetStatus::Met),
+                ("p99 latency, cross-node", TargetStatus::Missed),
+                ("acknowledged subscribes/s", TargetStatus::Met),
+            ]
+        );
+        assert_eq!(r.verdict, "correct, 2 of 5 targets missed");
+        assert!(!r.targets_all_met());
+        let md = r.markdown();
+        assert!(
+            md.contains("**Result: correct, 2 of 5 targets missed**"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "- MISSED target: p99 latency, cross-node — measured 1200.00 ms, target at most 25.00 ms"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| p99 latency, same-node at most 25.00 ms | 4.00 ms | met |"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["targets_missed"], 2);
+        assert_eq!(json["targets"][3]["status"], "missed");
+        assert_eq!(json["targets"][3]["measured"], 1200.0);
+    }
+
+    #[test]
+    fn all_met() {
+        let r = report("min_deliveries_per_sec = 300000\nmax_p50_ms = 1.1");
+        assert!(r.targets_all_met(), "{:?}", statuses(&r));
+        assert_eq!(r.verdict, "passed, all 4 targets met");
+    }
+
+    #[test]
+    fn absent_figures_are_not_measured_not_met() {
+        let mut r = report("max_rss_per_connection_bytes = 8192\nmax_subscribe_ack_p99_ms = 50");
+        assert_eq!(
+            statuses(&r),
+            vec![
+                ("server RSS per connection", TargetStatus::NotMeasured),
+                ("p99 time to subscribe ack", TargetStatus::NotMeasured),
+            ]
+        );
+        assert_eq!(r.verdict, "correct, 2 of 2 targets not measured");
+        assert!(!r.targets_all_met());
+        r.memory.rss_per_connection_bytes = Some(9000.0);
+        r.judge_targets();
+        assert_eq!(r.targets[0].status, TargetStatus::Missed);
+        assert_eq!(r.targets[0].measured_text(), "9000 B (8.8 KiB)");
+    }
+
+    #[test]
+    fn slow_consumers_not_all_disconnected_is_a_miss() {
+        let mut r = report("max_slow_consumer_disconnect_secs = 5");
+        assert_eq!(r.targets[0].status, TargetStatus::Missed);
+        assert_eq!(
+            r.targets[0].measured_text(),
+            "only 4 of 6 disconnected by the end of the run"
+        );
+        r.slow_consumers.all_disconnected_after_secs = Some(2.0);
+        r.judge_targets();
+        assert_eq!(r.targets[0].status, TargetStatus::Met);
+        r.slow_consumers = SlowFigures {
+            slow_consumers: 6,
+            ..SlowFigures::default()
+        };
+        r.judge_targets();
+        assert_eq!(r.targets[0].status, TargetStatus::NotMeasured);
+    }
+
+    #[test]
+    fn correctness_failure_still_fails_and_reports_misses() {
+        let mut r = report("max_p99_ms = 25");
+        r.passed = false;
+        r.failures.push("lost 3 of 10 expected deliveries".into());
+        r.judge_targets();
+        assert_eq!(r.verdict, "FAILED, and 2 of 3 targets missed");
+        assert!(r.markdown().contains("- lost 3 of 10 expected deliveries"));
     }
 }

@@ -38,6 +38,10 @@ pub(crate) struct Scenario {
     pub(crate) slow_consumers: SlowSpec,
     #[serde(default)]
     pub(crate) pass: PassSpec,
+    /// Performance targets. Missing one does not fail the run (correctness does, see [`PassSpec`]); the report
+    /// lists each target as met, MISSED or not measured.
+    #[serde(default)]
+    pub(crate) targets: TargetSpec,
 }
 
 fn default_drain() -> f64 {
@@ -198,6 +202,62 @@ impl Default for PassSpec {
     }
 }
 
+/// Performance targets, each optional. Every one names a figure the harness measures; "max" targets are met
+/// when the measured figure is at most the limit, "min" targets when it is at least the limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TargetSpec {
+    /// Deliveries per second to stable subscribers, first publish to last delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) min_deliveries_per_sec: Option<f64>,
+    /// End-to-end latency percentiles (ms): over all deliveries, and separately over same-node and cross-node
+    /// deliveries when the run has both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_p99_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_p999_ms: Option<f64>,
+    /// Server RSS added per subscribed connection (bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_rss_per_connection_bytes: Option<f64>,
+    /// Acknowledged subscribes per second of the stable connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) min_subscribes_per_sec: Option<f64>,
+    /// p99 from scheduled connect to subscribe acknowledgement (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_subscribe_ack_p99_ms: Option<f64>,
+    /// Seconds from the slow consumers' stop until the server had disconnected every one of them (measured for
+    /// herald only, to within the 1 s sampling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_slow_consumer_disconnect_secs: Option<f64>,
+}
+
+impl TargetSpec {
+    /// The targets that are set, as (key, limit).
+    pub(crate) fn set(&self) -> Vec<(&'static str, f64)> {
+        [
+            ("min_deliveries_per_sec", self.min_deliveries_per_sec),
+            ("max_p50_ms", self.max_p50_ms),
+            ("max_p99_ms", self.max_p99_ms),
+            ("max_p999_ms", self.max_p999_ms),
+            (
+                "max_rss_per_connection_bytes",
+                self.max_rss_per_connection_bytes,
+            ),
+            ("min_subscribes_per_sec", self.min_subscribes_per_sec),
+            ("max_subscribe_ack_p99_ms", self.max_subscribe_ack_p99_ms),
+            (
+                "max_slow_consumer_disconnect_secs",
+                self.max_slow_consumer_disconnect_secs,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect()
+    }
+}
+
 /// What one subscriber connection does, derived from its index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SubscriberPlan {
@@ -344,6 +404,41 @@ impl Scenario {
         if self.churn.per_second > 0.0 && self.churn.hold_ms == 0 {
             return fail("churn.hold_ms must be above 0 when churn.per_second is set".into());
         }
+        self.validate_targets()
+    }
+
+    fn validate_targets(&self) -> Result<(), ScenarioError> {
+        let t = &self.targets;
+        for (key, limit) in t.set() {
+            if !(limit.is_finite() && limit > 0.0) {
+                return Err(ScenarioError(format!(
+                    "targets.{key} must be a finite number above 0, got {limit}"
+                )));
+            }
+        }
+        let needs_publishing = [
+            ("min_deliveries_per_sec", t.min_deliveries_per_sec),
+            ("max_p50_ms", t.max_p50_ms),
+            ("max_p99_ms", t.max_p99_ms),
+            ("max_p999_ms", t.max_p999_ms),
+            (
+                "max_slow_consumer_disconnect_secs",
+                t.max_slow_consumer_disconnect_secs,
+            ),
+        ];
+        if self.publish.rate == 0.0 {
+            if let Some((key, _)) = needs_publishing.iter().find(|(_, v)| v.is_some()) {
+                return Err(ScenarioError(format!(
+                    "targets.{key} needs publishing, but publish.rate is 0"
+                )));
+            }
+        }
+        if t.max_slow_consumer_disconnect_secs.is_some() && self.slow_consumers.share == 0.0 {
+            return Err(ScenarioError(
+                "targets.max_slow_consumer_disconnect_secs needs slow_consumers.share above 0"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -475,6 +570,50 @@ mod tests {
                 .to_string();
             assert!(err.contains(needle), "{to}: {err}");
         }
+    }
+
+    #[test]
+    fn targets_parse_and_default_to_none() {
+        assert_eq!(
+            Scenario::parse(MINIMAL).unwrap().targets,
+            TargetSpec::default()
+        );
+        let text =
+            format!("{MINIMAL}\n[targets]\nmin_deliveries_per_sec = 500000\nmax_p99_ms = 25\n");
+        let t = Scenario::parse(&text).unwrap().targets;
+        assert_eq!(t.min_deliveries_per_sec, Some(500_000.0));
+        assert_eq!(t.max_p99_ms, Some(25.0));
+        assert_eq!(
+            t.set(),
+            vec![("min_deliveries_per_sec", 500_000.0), ("max_p99_ms", 25.0)]
+        );
+    }
+
+    #[test]
+    fn unknown_or_bad_targets_are_refused() {
+        for (targets, needle) in [
+            ("max_p95_ms = 10", "max_p95_ms"),
+            ("max_p99_ms = 0", "targets.max_p99_ms"),
+            ("max_p99_ms = -5", "targets.max_p99_ms"),
+            ("max_p99_ms = nan", "targets.max_p99_ms"),
+            (
+                "max_slow_consumer_disconnect_secs = 5",
+                "slow_consumers.share",
+            ),
+        ] {
+            let text = format!("{MINIMAL}\n[targets]\n{targets}\n");
+            let err = Scenario::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{targets}: {err}");
+        }
+        let idle = MINIMAL.replace("rate = 10", "rate = 0");
+        let err = Scenario::parse(&format!("{idle}\n[targets]\nmax_p50_ms = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("publish.rate is 0"), "{err}");
+        Scenario::parse(&format!(
+            "{idle}\n[targets]\nmax_rss_per_connection_bytes = 8192\n"
+        ))
+        .unwrap();
     }
 
     #[test]
