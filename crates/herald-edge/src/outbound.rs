@@ -194,6 +194,11 @@ pub fn encode_frame(opcode: u8, payload: &[u8], out: &mut BytesMut) {
     out.put_slice(payload);
 }
 
+/// The largest write buffer a connection keeps between writes.
+const RETAINED_WRITE_BUFFER: usize = 16 * 1024;
+/// The most queued-frame slots a connection's writer keeps between writes.
+const RETAINED_FRAME_SLOTS: usize = 64;
+
 fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     let mut payload = code.to_be_bytes().to_vec();
     payload.extend_from_slice(reason.as_bytes());
@@ -232,7 +237,9 @@ async fn write_until_closed<W: AsyncWrite + Unpin>(
     going_away: &CancellationToken,
     reader_done: &CancellationToken,
 ) -> WriterExit {
-    let mut buf = BytesMut::with_capacity(4096);
+    // Allocated on the first write and sized by what is written: most connections are idle most of the time,
+    // and their memory is what limits how many one node holds.
+    let mut buf = BytesMut::new();
     let mut frames = VecDeque::new();
     let mut published = Vec::new();
     let mut going_away_sent = false;
@@ -283,6 +290,14 @@ async fn write_until_closed<W: AsyncWrite + Unpin>(
         let now = Instant::now();
         for &at in &published {
             metrics.publish_to_delivery.observe(now.duration_since(at));
+        }
+        // A burst's buffers are not kept for the idle time that follows it.
+        if buf.capacity() > RETAINED_WRITE_BUFFER {
+            buf = BytesMut::new();
+        }
+        if frames.capacity() > RETAINED_FRAME_SLOTS {
+            frames = VecDeque::new();
+            published = Vec::new();
         }
         if let Some((code, _)) = close {
             let _ = tokio::time::timeout(CLOSE_LINGER, reader_done.cancelled()).await;
