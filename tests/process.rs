@@ -264,3 +264,14 @@ async fn the_drain_deadline_is_enforced_and_reported() {
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(client);
 }
+
+#[test]
+fn a_port_in_use_exits_69_naming_it() {
+    // Held by this test for the whole run: herald's listener (with SO_REUSEADDR) must still be refused.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, stderr) = run_to_exit(&["dev", "--port", &port], &[]);
+    assert_eq!(code, Some(69), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    drop(taken);
+}

@@ -352,12 +352,42 @@ impl EmbeddedRegistry {
     }
 }
 
+/// The accept queue of the public listeners. tokio's `TcpListener::bind` asks for 1024, which a burst of
+/// reconnecting clients (a node restart, a load balancer shifting traffic) overflows: the kernel then drops the
+/// handshake's last ACK and the client waits for SYN-ACK retransmissions, 1, 3, 7 s and more. The kernel caps it
+/// at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds `addr` (host:port) with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (a restarted node can bind while old
+/// connections linger in TIME_WAIT), as `TcpListener::bind` would otherwise.
+async fn bind_with_backlog(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last_error = None;
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = if resolved.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(resolved) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 async fn serve_edge(config: Config) -> ExitCode {
     let http_addr = format!("{}:{}", config.server_host, config.server_port);
     let grpc_addr = format!("{}:{}", config.server_host, config.grpc_port);
     let (http, grpc) = match (
-        TcpListener::bind(&http_addr).await,
-        TcpListener::bind(&grpc_addr).await,
+        bind_with_backlog(&http_addr).await,
+        bind_with_backlog(&grpc_addr).await,
     ) {
         (Ok(http), Ok(grpc)) => (http, grpc),
         (Err(e), _) => {
