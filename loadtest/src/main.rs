@@ -104,6 +104,9 @@ struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Exit 1 when a scenario target is missed or not measured, not only on a correctness failure.
+    #[arg(long)]
+    strict_targets: bool,
 }
 
 fn main() -> ExitCode {
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    let args_strict = args.strict_targets;
     let mut scenario = match Scenario::load(&args.scenario) {
         Ok(s) => s,
         Err(e) => {
@@ -184,7 +188,10 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(report) => {
             println!("{}", report.markdown());
             println!("results in {}", out.display());
-            if report.passed {
+            if report.passed && args_strict && !report.targets_all_met() {
+                eprintln!("herald-loadtest: targets missed (--strict-targets)");
+                ExitCode::from(EXIT_FAILED)
+            } else if report.passed {
                 ExitCode::SUCCESS
             } else {
                 eprintln!(
