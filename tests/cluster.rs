@@ -3,74 +3,20 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::procs::{free_port, Dir, Proc};
 use support::*;
 
-const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 const SECRET: &str = "cluster-test-secret-0123456789";
-
-/// A child process killed by its own PID when the test ends.
-struct Proc {
-    child: Child,
-    first_line: String,
-}
-
-impl Proc {
-    fn spawn(args: &[String]) -> Proc {
-        let mut child = Command::new(HERALD)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start herald");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first_line = String::new();
-        stdout.read_line(&mut first_line).unwrap();
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while stdout.read_line(&mut sink).unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        Proc { child, first_line }
-    }
-
-    fn field(&self, name: &str) -> String {
-        self.first_line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {:?}", self.first_line))
-            .to_owned()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Cluster {
     registries: Vec<Option<Proc>>,
     registry_args: Vec<Vec<String>>,
     registry_addrs: Vec<String>,
     edges: Vec<Proc>,
-    _data: Vec<tempfile_dir::Dir>,
+    _data: Vec<Dir>,
 }
 
 impl Cluster {
@@ -102,27 +48,6 @@ impl Cluster {
     }
 }
 
-/// A small temp-dir guard (the tests crate has no tempfile dependency).
-mod tempfile_dir {
-    pub(super) struct Dir(pub(super) std::path::PathBuf);
-    impl Dir {
-        pub(super) fn new(tag: &str) -> Dir {
-            let path = std::env::temp_dir().join(format!(
-                "herald-cluster-{}-{tag}-{:?}",
-                std::process::id(),
-                std::time::SystemTime::now()
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn start_cluster(registries: usize, edges: usize) -> Cluster {
     let ports: Vec<u16> = (0..registries).map(|_| free_port()).collect();
     let peers: Vec<String> = ports
@@ -134,7 +59,7 @@ fn start_cluster(registries: usize, edges: usize) -> Cluster {
     let mut registry_procs = Vec::new();
     let mut registry_args = Vec::new();
     for (i, port) in ports.iter().enumerate() {
-        let dir = tempfile_dir::Dir::new(&format!("r{}", i + 1));
+        let dir = Dir::new(&format!("r{}", i + 1));
         let args: Vec<String> = vec![
             "registry".into(),
             "--node-id".into(),
@@ -527,7 +452,7 @@ async fn membership_changes_under_publish_load_lose_nothing() {
     // bootstrapping a group of its own), promote it, then remove member 1.
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let dir = tempfile_dir::Dir::new("r4");
+    let dir = Dir::new("r4");
     let mut peers: Vec<String> = cluster
         .registry_addrs
         .iter()

@@ -2,80 +2,15 @@
 //! a learner that is then promoted, removing an original member, and the exit codes for a wrong secret, an
 //! unreachable registry, bad arguments and an unsafe removal.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::procs::{free_port, Dir, Proc, HERALD};
 
-const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 const SECRET: &str = "ctl-test-secret-0123456789";
-
-/// A child process killed by its own PID when the test ends.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    /// Starts `herald` and waits for its first stdout line (a registry prints it once it listens).
-    fn spawn(args: &[String]) -> Proc {
-        let mut child = Command::new(HERALD)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start herald");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first_line = String::new();
-        stdout.read_line(&mut first_line).unwrap();
-        assert!(first_line.contains("listening"), "{first_line:?}");
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while stdout.read_line(&mut sink).unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        Proc { child }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A small temp-dir guard (the tests crate has no tempfile dependency).
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let path = std::env::temp_dir().join(format!(
-            "herald-ctl-{}-{tag}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Dir(path)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn registry(node_id: u64, port: u16, peers: &[String], dir: &Dir) -> Proc {
     Proc::spawn(&[

@@ -232,6 +232,28 @@ struct EdgeResult {
     errors: u64,
 }
 
+impl EdgeResult {
+    /// Counts one answered update of `changes` room changes that took `latency`; true when it committed.
+    fn record(
+        &mut self,
+        outcome: &Result<InterestOutcome, ClientError>,
+        latency: Duration,
+        changes: usize,
+    ) -> bool {
+        match outcome {
+            Ok(InterestOutcome::Committed(_)) => {
+                self.update_latencies_us.push(micros(latency));
+                self.changes += changes as u64;
+                true
+            }
+            Ok(InterestOutcome::UnknownEdge) | Err(_) => {
+                self.errors += 1;
+                false
+            }
+        }
+    }
+}
+
 fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
@@ -272,13 +294,7 @@ async fn run_saturating_edge(
         let outcome = sender.send(add, remove).await;
         let done = Instant::now();
         if done >= measure_from && done < end {
-            match outcome {
-                Ok(InterestOutcome::Committed(_)) => {
-                    result.update_latencies_us.push(micros(done - started));
-                    result.changes += k as u64;
-                }
-                Ok(InterestOutcome::UnknownEdge) | Err(_) => result.errors += 1,
-            }
+            result.record(&outcome, done - started, k);
         }
         n += 1;
     }
@@ -322,17 +338,10 @@ async fn run_offered_edge(
         let started = Instant::now();
         let outcome = sender.send(add, remove).await;
         let done = Instant::now();
-        if done >= measure_from && done < end {
-            match outcome {
-                Ok(InterestOutcome::Committed(_)) => {
-                    result.update_latencies_us.push(micros(done - started));
-                    result.changes += take as u64;
-                    result
-                        .change_latencies_us
-                        .extend((next..next + take).map(|n| micros(done - arises(n))));
-                }
-                Ok(InterestOutcome::UnknownEdge) | Err(_) => result.errors += 1,
-            }
+        if done >= measure_from && done < end && result.record(&outcome, done - started, take) {
+            result
+                .change_latencies_us
+                .extend((next..next + take).map(|n| micros(done - arises(n))));
         }
         // A failed update is not retried: the bench counts it and moves on.
         next += take;

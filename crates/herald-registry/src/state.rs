@@ -229,11 +229,12 @@ impl RegistryState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::types::InterestChange;
 
-    fn register(edge: &str) -> Request {
+    /// Registers `edge` (shared with the store's tests).
+    pub(crate) fn register(edge: &str) -> Request {
         Request::RegisterEdge {
             edge: edge.into(),
             peer_addr: format!("{edge}:1"),
@@ -241,7 +242,8 @@ mod tests {
         }
     }
 
-    fn interest(edge: &str, add: &[&str], remove: &[&str]) -> Request {
+    /// One edge's interest change as a request (shared with the store's tests).
+    pub(crate) fn interest(edge: &str, add: &[&str], remove: &[&str]) -> Request {
         Request::Interest {
             changes: vec![InterestChange {
                 edge: edge.into(),

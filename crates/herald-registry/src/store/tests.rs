@@ -29,8 +29,9 @@ use super::{
     open, open_with, storage_error, LogStore, StateMachineStore, StoreError, StoreOptions,
     WatchEvent, WatchStart,
 };
+use crate::state::tests::{interest, register};
 use crate::state::{Change, RegistryState};
-use crate::types::{InterestChange, NodeId, RegistryNode, Request, TypeConfig};
+use crate::types::{NodeId, RegistryNode, Request, TypeConfig};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -64,25 +65,6 @@ fn setting(key: &str, value: &str) -> Request {
     Request::PutSetting {
         key: key.into(),
         value: value.into(),
-    }
-}
-
-fn register(edge: &str) -> Request {
-    Request::RegisterEdge {
-        edge: edge.into(),
-        peer_addr: format!("{edge}:7000"),
-        ttl_ms: 3000,
-    }
-}
-
-fn interest(edge: &str, add: &[&str], remove: &[&str]) -> Request {
-    Request::Interest {
-        changes: vec![InterestChange {
-            edge: edge.into(),
-            add: add.iter().map(|s| s.to_string()).collect(),
-            remove: remove.iter().map(|s| s.to_string()).collect(),
-        }]
-        .into(),
     }
 }
 
