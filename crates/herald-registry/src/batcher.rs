@@ -174,6 +174,7 @@ mod tests {
                             .filter(|c| c.edge == "ghost")
                             .map(|c| c.edge.clone())
                             .collect(),
+                        ..Response::default()
                     })
                 }
             },
@@ -248,7 +249,7 @@ mod tests {
                     };
                     Ok(Response {
                         revision: changes.len() as u64,
-                        unknown_edges: vec![],
+                        ..Response::default()
                     })
                 }
             },

@@ -109,6 +109,15 @@ pub enum KeepAliveOutcome {
     UnknownEdge,
 }
 
+/// What a source claim achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This edge (or another) holds the source.
+    Owner(String),
+    /// The claiming edge is not registered: register again.
+    UnknownEdge,
+}
+
 /// The answer to an interest update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InterestOutcome {
@@ -477,6 +486,90 @@ impl RegistryClient {
             })
             .await?;
         Ok(reply.log_index)
+    }
+
+    /// Adds or replaces endpoint `name` (an `herald_routes::Endpoint` as JSON). A change that would make the
+    /// route table invalid comes back as `INVALID_ARGUMENT` with the reason. Returns the revision.
+    pub async fn put_endpoint(&self, name: &str, endpoint_json: &str) -> Result<u64, ClientError> {
+        let request = pb::PutEndpointRequest {
+            name: name.to_owned(),
+            endpoint_json: endpoint_json.to_owned(),
+        };
+        let reply = self
+            .call(true, move |mut rpc| {
+                let request = request.clone();
+                async move { rpc.put_endpoint(request).await }
+            })
+            .await?;
+        Ok(reply.revision)
+    }
+
+    /// Removes endpoint `name` (refused with `FAILED_PRECONDITION` while a route uses it). Returns whether it
+    /// existed.
+    pub async fn delete_endpoint(&self, name: &str) -> Result<bool, ClientError> {
+        let name = name.to_owned();
+        let reply = self
+            .call(true, move |mut rpc| {
+                let name = name.clone();
+                async move { rpc.delete_endpoint(pb::NameRequest { name }).await }
+            })
+            .await?;
+        Ok(reply.changed)
+    }
+
+    /// Adds or replaces route `name` (an `herald_routes::Route` as JSON), validated like
+    /// [`Self::put_endpoint`]. Returns the revision.
+    pub async fn put_route(&self, name: &str, route_json: &str) -> Result<u64, ClientError> {
+        let request = pb::PutRouteRequest {
+            name: name.to_owned(),
+            route_json: route_json.to_owned(),
+        };
+        let reply = self
+            .call(true, move |mut rpc| {
+                let request = request.clone();
+                async move { rpc.put_route(request).await }
+            })
+            .await?;
+        Ok(reply.revision)
+    }
+
+    /// Removes route `name`. Returns whether it existed.
+    pub async fn delete_route(&self, name: &str) -> Result<bool, ClientError> {
+        let name = name.to_owned();
+        let reply = self
+            .call(true, move |mut rpc| {
+                let name = name.clone();
+                async move { rpc.delete_route(pb::NameRequest { name }).await }
+            })
+            .await?;
+        Ok(reply.changed)
+    }
+
+    /// Asks for `edge` to consume the external source of `route`; answers who holds it now.
+    pub async fn claim_source(&self, route: &str, edge: &str) -> Result<ClaimOutcome, ClientError> {
+        let request = pb::ClaimSourceRequest {
+            route: route.to_owned(),
+            edge: edge.to_owned(),
+        };
+        let reply = self
+            .call(true, move |mut rpc| {
+                let request = request.clone();
+                async move { rpc.claim_source(request).await }
+            })
+            .await?;
+        Ok(if reply.unknown_edge {
+            ClaimOutcome::UnknownEdge
+        } else {
+            ClaimOutcome::Owner(reply.owner)
+        })
+    }
+
+    /// Endpoints, routes and source owners, as any member has applied them.
+    pub async fn list_routes(&self) -> Result<pb::ListRoutesReply, ClientError> {
+        self.call(false, |mut rpc| async move {
+            rpc.list_routes(pb::ListRoutesRequest {}).await
+        })
+        .await
     }
 
     /// The gRPC client for `addr`, making its channel the first time.

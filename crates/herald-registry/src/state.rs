@@ -7,7 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use herald_routes::{Endpoint, Route, RouteError, RouteTable};
+
 use crate::types::{EdgeId, Request, Response};
+
+/// The source endpoint named by a stored route.
+fn route_source(route_json: &str) -> Option<String> {
+    serde_json::from_str::<Route>(route_json).ok().map(|r| r.from)
+}
 
 /// A registered edge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +68,30 @@ pub enum Change {
         /// Route name.
         name: String,
     },
+    /// An endpoint was added or replaced.
+    EndpointPut {
+        /// Endpoint name.
+        name: String,
+        /// Endpoint definition (JSON text).
+        endpoint: String,
+    },
+    /// An endpoint was removed.
+    EndpointDeleted {
+        /// Endpoint name.
+        name: String,
+    },
+    /// `edge` now consumes the external source of `route`.
+    SourceOwned {
+        /// The route.
+        route: String,
+        /// The consuming edge.
+        edge: EdgeId,
+    },
+    /// Nobody consumes the source of `route` any more (its owner left, or the route changed).
+    SourceReleased {
+        /// The route.
+        route: String,
+    },
     /// A setting was set.
     SettingPut {
         /// Key.
@@ -81,6 +112,12 @@ pub struct RegistryState {
     pub interest: BTreeMap<String, BTreeSet<EdgeId>>,
     /// Routes by name (JSON text).
     pub routes: BTreeMap<String, String>,
+    /// Endpoints by name (JSON text).
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, String>,
+    /// Route name -> the edge consuming its external source.
+    #[serde(default)]
+    pub sources: BTreeMap<String, EdgeId>,
     /// Cluster settings.
     pub settings: BTreeMap<String, String>,
 }
@@ -91,7 +128,7 @@ impl RegistryState {
         let mut changes = Vec::new();
         let mut response = Response {
             revision,
-            unknown_edges: vec![],
+            ..Response::default()
         };
         match request {
             Request::RegisterEdge {
@@ -160,16 +197,91 @@ impl RegistryState {
                 }
             }
             Request::PutRoute { name, route } => {
-                let route = route.to_string();
-                self.routes.insert(name.clone(), route.clone());
-                changes.push(Change::RoutePut {
-                    name: name.clone(),
-                    route,
-                });
+                let checked = serde_json::from_value::<Route>(route.clone())
+                    .map_err(|e| RouteError::BadRoute {
+                        route: name.clone(),
+                        reason: e.to_string(),
+                    })
+                    .and_then(|parsed| self.route_table().with_route(name, parsed));
+                match checked {
+                    Err(e) => response.refused = Some(e.to_string()),
+                    Ok(_) => {
+                        let route = route.to_string();
+                        let old = self.routes.insert(name.clone(), route.clone());
+                        // A consumer of the old source must not keep consuming a source the route no longer has.
+                        if old.as_deref() != Some(route.as_str()) {
+                            self.release_source(name, &mut changes);
+                        }
+                        changes.push(Change::RoutePut {
+                            name: name.clone(),
+                            route,
+                        });
+                    }
+                }
             }
             Request::DeleteRoute { name } => {
                 if self.routes.remove(name).is_some() {
+                    self.release_source(name, &mut changes);
                     changes.push(Change::RouteDeleted { name: name.clone() });
+                }
+            }
+            Request::PutEndpoint { name, endpoint } => {
+                let checked = serde_json::from_value::<Endpoint>(endpoint.clone())
+                    .map_err(|e| RouteError::BadEndpoint {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })
+                    .and_then(|parsed| self.route_table().with_endpoint(name, parsed));
+                match checked {
+                    Err(e) => response.refused = Some(e.to_string()),
+                    Ok(_) => {
+                        let endpoint = endpoint.to_string();
+                        let old = self.endpoints.insert(name.clone(), endpoint.clone());
+                        if old.as_deref() != Some(endpoint.as_str()) {
+                            // Consumers of routes reading from this endpoint restart with its new definition.
+                            let users: Vec<String> = self
+                                .routes
+                                .iter()
+                                .filter(|(_, r)| route_source(r).as_deref() == Some(name.as_str()))
+                                .map(|(n, _)| n.clone())
+                                .collect();
+                            for route in users {
+                                self.release_source(&route, &mut changes);
+                            }
+                        }
+                        changes.push(Change::EndpointPut {
+                            name: name.clone(),
+                            endpoint,
+                        });
+                    }
+                }
+            }
+            Request::DeleteEndpoint { name } => {
+                if self.endpoints.contains_key(name) {
+                    match self.route_table().without_endpoint(name) {
+                        Err(e) => response.refused = Some(e.to_string()),
+                        Ok(_) => {
+                            self.endpoints.remove(name);
+                            changes.push(Change::EndpointDeleted { name: name.clone() });
+                        }
+                    }
+                }
+            }
+            Request::ClaimSource { route, edge } => {
+                let holder = self.sources.get(route).filter(|e| self.edges.contains_key(*e));
+                if let Some(holder) = holder {
+                    response.owner = Some(holder.clone());
+                } else if !self.edges.contains_key(edge) {
+                    response.unknown_edges.push(edge.clone());
+                } else if !self.route_table().external_sources().any(|(n, _, _)| n == route) {
+                    response.refused = Some(format!("route {route:?} has no external source"));
+                } else {
+                    self.sources.insert(route.clone(), edge.clone());
+                    response.owner = Some(edge.clone());
+                    changes.push(Change::SourceOwned {
+                        route: route.clone(),
+                        edge: edge.clone(),
+                    });
                 }
             }
             Request::PutSetting { key, value } => {
@@ -182,11 +294,46 @@ impl RegistryState {
         }
         if !changes.is_empty() {
             self.revision = revision;
+            response.changed = true;
         }
         (response, changes)
     }
 
+    /// The routes and endpoints as a [`RouteTable`]. Entries that no longer parse (written by an older version)
+    /// are left out rather than failing every later change.
+    pub fn route_table(&self) -> RouteTable {
+        RouteTable {
+            endpoints: self
+                .endpoints
+                .iter()
+                .filter_map(|(n, e)| Some((n.clone(), serde_json::from_str(e).ok()?)))
+                .collect(),
+            routes: self
+                .routes
+                .iter()
+                .filter_map(|(n, r)| Some((n.clone(), serde_json::from_str(r).ok()?)))
+                .collect(),
+        }
+    }
+
+    fn release_source(&mut self, route: &str, changes: &mut Vec<Change>) {
+        if self.sources.remove(route).is_some() {
+            changes.push(Change::SourceReleased {
+                route: route.to_owned(),
+            });
+        }
+    }
+
     fn remove_edge(&mut self, edge: &EdgeId, changes: &mut Vec<Change>) {
+        let held: Vec<String> = self
+            .sources
+            .iter()
+            .filter(|(_, owner)| *owner == edge)
+            .map(|(route, _)| route.clone())
+            .collect();
+        for route in held {
+            self.release_source(&route, changes);
+        }
         self.edges.remove(edge);
         self.interest.retain(|_, edges| {
             edges.remove(edge);
@@ -212,10 +359,22 @@ impl RegistryState {
                 });
             }
         }
+        for (name, endpoint) in &self.endpoints {
+            changes.push(Change::EndpointPut {
+                name: name.clone(),
+                endpoint: endpoint.clone(),
+            });
+        }
         for (name, route) in &self.routes {
             changes.push(Change::RoutePut {
                 name: name.clone(),
                 route: route.clone(),
+            });
+        }
+        for (route, edge) in &self.sources {
+            changes.push(Change::SourceOwned {
+                route: route.clone(),
+                edge: edge.clone(),
             });
         }
         for (key, value) in &self.settings {
@@ -302,30 +461,124 @@ pub(crate) mod tests {
         assert_eq!(s.edges["a"].registered_at, 3);
     }
 
+    fn put_endpoint(s: &mut RegistryState, rev: u64, name: &str, def: serde_json::Value) -> Response {
+        s.apply(
+            rev,
+            &Request::PutEndpoint {
+                name: name.into(),
+                endpoint: def,
+            },
+        )
+        .0
+    }
+
+    fn put_route(s: &mut RegistryState, rev: u64, name: &str, from: &str, to: &str) -> Response {
+        s.apply(
+            rev,
+            &Request::PutRoute {
+                name: name.into(),
+                route: serde_json::json!({"from": from, "to": [to]}),
+            },
+        )
+        .0
+    }
+
+    fn claim(s: &mut RegistryState, rev: u64, route: &str, edge: &str) -> Response {
+        s.apply(
+            rev,
+            &Request::ClaimSource {
+                route: route.into(),
+                edge: edge.into(),
+            },
+        )
+        .0
+    }
+
+    /// Endpoints `in` (redis) and `out` (a room), and route `x` from one to the other, at revisions 1-3.
+    fn with_route() -> RegistryState {
+        let mut s = RegistryState::default();
+        let redis = serde_json::json!({"kind": "redis", "url": "redis://h:1/", "channel": "c"});
+        assert_eq!(put_endpoint(&mut s, 1, "in", redis).refused, None);
+        let room = serde_json::json!({"kind": "room", "room": {"c": "{channel}"}});
+        assert_eq!(put_endpoint(&mut s, 2, "out", room).refused, None);
+        assert_eq!(put_route(&mut s, 3, "x", "in", "out").refused, None);
+        s
+    }
+
     #[test]
     fn replaying_changes_rebuilds_the_state() {
-        let mut s = RegistryState::default();
-        s.apply(1, &register("a"));
-        s.apply(2, &interest("a", &["r"], &[]));
+        let mut s = with_route();
+        s.apply(4, &register("a"));
+        s.apply(5, &interest("a", &["r"], &[]));
+        claim(&mut s, 6, "x", "a");
         s.apply(
-            3,
-            &Request::PutRoute {
-                name: "x".into(),
-                route: serde_json::json!({"from": "a"}),
-            },
-        );
-        s.apply(
-            4,
+            7,
             &Request::PutSetting {
                 key: "k".into(),
                 value: "v".into(),
             },
         );
         let changes = s.as_changes();
-        assert_eq!(changes.len(), 4);
+        // edge, interest, 2 endpoints, route, source owner, setting.
+        assert_eq!(changes.len(), 7);
         assert!(changes.contains(&Change::InterestAdded {
             room: "r".into(),
             edge: "a".into()
         }));
+        assert!(changes.contains(&Change::SourceOwned {
+            route: "x".into(),
+            edge: "a".into()
+        }));
+    }
+
+    #[test]
+    fn invalid_route_tables_are_refused_inside_the_apply() {
+        let mut s = with_route();
+        let before = s.clone();
+        let unknown = put_route(&mut s, 4, "y", "in", "nowhere");
+        assert_eq!(
+            unknown.refused.as_deref(),
+            Some("route \"y\": unknown endpoint \"nowhere\"")
+        );
+        let malformed = s
+            .apply(5, &Request::PutRoute { name: "z".into(), route: serde_json::json!({"to": "a"}) })
+            .0;
+        assert!(malformed.refused.unwrap().starts_with("route \"z\": invalid type"));
+        let in_use = s.apply(6, &Request::DeleteEndpoint { name: "in".into() }).0;
+        assert!(in_use.refused.unwrap().contains("used by route"));
+        // room {c: *} -> back into the same room pattern: a cycle.
+        let pattern = serde_json::json!({"kind": "room", "room": {"c": "*"}});
+        assert_eq!(put_endpoint(&mut s, 7, "all-c", pattern).refused, None);
+        let cycle = put_route(&mut s, 8, "loop", "all-c", "out");
+        assert!(cycle.refused.unwrap().starts_with("routes form a cycle"));
+        s.endpoints.remove("all-c");
+        s.revision = before.revision;
+        assert_eq!(s, before, "refused changes change nothing");
+    }
+
+    #[test]
+    fn a_source_has_one_owner_until_its_lease_or_route_ends() {
+        let mut s = with_route();
+        s.apply(4, &register("a"));
+        s.apply(5, &register("b"));
+        assert_eq!(claim(&mut s, 6, "x", "a").owner.as_deref(), Some("a"));
+        let lost = claim(&mut s, 7, "x", "b");
+        assert_eq!((lost.owner.as_deref(), lost.changed), (Some("a"), false));
+        // The owner's lease ends: the source is free, and the next claim wins it.
+        let (_, changes) = s.apply(8, &Request::RemoveEdges { edges: vec!["a".into()] });
+        assert!(changes.contains(&Change::SourceReleased { route: "x".into() }));
+        assert_eq!(claim(&mut s, 9, "x", "b").owner.as_deref(), Some("b"));
+        // Re-pointing the route at another source releases it too.
+        let other = serde_json::json!({"kind": "redis", "url": "redis://h:1/", "channel": "d"});
+        put_endpoint(&mut s, 10, "in2", other);
+        put_route(&mut s, 11, "x", "in2", "out");
+        assert!(!s.sources.contains_key("x"));
+        // Unregistered edges and routes without an external source get no grant.
+        assert_eq!(claim(&mut s, 12, "x", "ghost").unknown_edges, ["ghost"]);
+        assert!(claim(&mut s, 13, "nope", "b").refused.is_some());
+        // Deleting the route releases its source.
+        claim(&mut s, 14, "x", "b");
+        let (_, changes) = s.apply(15, &Request::DeleteRoute { name: "x".into() });
+        assert!(changes.contains(&Change::SourceReleased { route: "x".into() }));
     }
 }

@@ -72,12 +72,34 @@ pub enum Request {
         /// replication and to the state machine, and a batch holds thousands of room strings.
         changes: Arc<[InterestChange]>,
     },
-    /// Adds or replaces a route (the bridges issue defines its body).
+    /// Adds or replaces a route (`herald_routes::Route` as JSON). Refused (see [`Response::refused`]) when the
+    /// table it makes is not valid: unknown endpoints, wrong roles, a cycle.
     PutRoute {
         /// Route name.
         name: String,
         /// Route definition.
         route: serde_json::Value,
+    },
+    /// Adds or replaces an endpoint (`herald_routes::Endpoint` as JSON), refused like [`Request::PutRoute`].
+    PutEndpoint {
+        /// Endpoint name.
+        name: String,
+        /// Endpoint definition.
+        endpoint: serde_json::Value,
+    },
+    /// Removes an endpoint; refused while a route uses it.
+    DeleteEndpoint {
+        /// Endpoint name.
+        name: String,
+    },
+    /// `edge` asks to consume the external source of `route` (a Redis subscription, an AMQP queue). Granted when
+    /// nobody live holds it, so each source has at most one consumer in the cluster; the grant lasts until the
+    /// edge's lease ends or the route changes.
+    ClaimSource {
+        /// The route whose source is claimed.
+        route: String,
+        /// The claiming edge.
+        edge: EdgeId,
     },
     /// Removes a route.
     DeleteRoute {
@@ -101,4 +123,13 @@ pub struct Response {
     /// Edges named by the request that were not registered (their interest was ignored): they must register
     /// again and resend their full interest.
     pub unknown_edges: Vec<EdgeId>,
+    /// Why the request changed nothing, when it was refused (an invalid route table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Whether the request changed the state (a delete of a missing name does not).
+    #[serde(default)]
+    pub changed: bool,
+    /// For [`Request::ClaimSource`]: who holds the source after the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<EdgeId>,
 }

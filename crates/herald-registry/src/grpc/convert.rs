@@ -36,6 +36,16 @@ pub fn change_to_proto(change: &Change) -> pb::Change {
             route_json: route.clone(),
         }),
         Change::RouteDeleted { name } => Kind::RouteDeleted(name.clone()),
+        Change::EndpointPut { name, endpoint } => Kind::EndpointPut(pb::NamedEndpoint {
+            name: name.clone(),
+            endpoint_json: endpoint.clone(),
+        }),
+        Change::EndpointDeleted { name } => Kind::EndpointDeleted(name.clone()),
+        Change::SourceOwned { route, edge } => Kind::SourceOwned(pb::SourceOwner {
+            route: route.clone(),
+            edge: edge.clone(),
+        }),
+        Change::SourceReleased { route } => Kind::SourceReleased(route.clone()),
         Change::SettingPut { key, value } => Kind::SettingPut(pb::Setting {
             key: key.clone(),
             value: value.clone(),
@@ -65,6 +75,16 @@ pub fn change_from_proto(change: pb::Change) -> Result<Change, EmptyChange> {
             route: route.route_json,
         },
         Kind::RouteDeleted(name) => Change::RouteDeleted { name },
+        Kind::EndpointPut(endpoint) => Change::EndpointPut {
+            name: endpoint.name,
+            endpoint: endpoint.endpoint_json,
+        },
+        Kind::EndpointDeleted(name) => Change::EndpointDeleted { name },
+        Kind::SourceOwned(owner) => Change::SourceOwned {
+            route: owner.route,
+            edge: owner.edge,
+        },
+        Kind::SourceReleased(route) => Change::SourceReleased { route },
         Kind::SettingPut(setting) => Change::SettingPut {
             key: setting.key,
             value: setting.value,
@@ -115,6 +135,16 @@ mod tests {
                 route: "{}".into(),
             },
             Change::RouteDeleted { name: "r".into() },
+            Change::EndpointPut {
+                name: "e".into(),
+                endpoint: "{}".into(),
+            },
+            Change::EndpointDeleted { name: "e".into() },
+            Change::SourceOwned {
+                route: "r".into(),
+                edge: "a".into(),
+            },
+            Change::SourceReleased { route: "r".into() },
             Change::SettingPut {
                 key: "k".into(),
                 value: "v".into(),

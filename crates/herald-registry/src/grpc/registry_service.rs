@@ -74,6 +74,23 @@ pub(crate) fn registry_server(
     InterceptedService::new(server, SecretCheck::new(secret))
 }
 
+/// The largest endpoint or route definition accepted, in bytes.
+pub const MAX_DEFINITION_BYTES: usize = 16 * 1024;
+
+fn validate_table_name(what: &str, name: &str) -> Result<(), Status> {
+    herald_routes::validate_name(what, name).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn parse_definition(json: &str) -> Result<serde_json::Value, Status> {
+    if json.len() > MAX_DEFINITION_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "definition is larger than {MAX_DEFINITION_BYTES} bytes"
+        )));
+    }
+    serde_json::from_str(json)
+        .map_err(|e| Status::invalid_argument(format!("definition is not JSON: {e}")))
+}
+
 /// Checks that `addr` is `host:port` (a name or an IP, IPv6 in brackets; a non-zero port), which is what the
 /// registry hands to other edges and members to dial.
 pub(crate) fn validate_host_port(addr: &str) -> Result<(), String> {
@@ -216,6 +233,24 @@ impl RegistryService {
             .and_then(|id| m.membership_config.membership().get_node(&id))
             .map(|node| node.addr.clone());
         Err(leader_hint(addr.as_deref()))
+    }
+
+    /// Writes a change to the route table; a change the apply refused is `INVALID_ARGUMENT` with its reason
+    /// (`FAILED_PRECONDITION` for an endpoint still in use).
+    async fn table_write(&self, request: LogRequest) -> Result<Response<pb::WriteReply>, Status> {
+        self.ensure_leader()?;
+        let written = self.write(request).await?;
+        if let Some(refused) = written.data.refused {
+            return Err(if refused.contains("is used by route") {
+                Status::failed_precondition(refused)
+            } else {
+                Status::invalid_argument(refused)
+            });
+        }
+        Ok(Response::new(pb::WriteReply {
+            revision: written.data.revision,
+            changed: written.data.changed,
+        }))
     }
 
     async fn write(
@@ -561,6 +596,121 @@ impl RegistryInternal for RegistryService {
         Ok(Response::new(pb::MembershipReply {
             log_index: written.log_id.index,
         }))
+    }
+
+    async fn put_endpoint(
+        &self,
+        request: Request<pb::PutEndpointRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let pb::PutEndpointRequest {
+            name,
+            endpoint_json,
+        } = request.into_inner();
+        validate_table_name("endpoint", &name)?;
+        let endpoint = parse_definition(&endpoint_json)?;
+        self.table_write(LogRequest::PutEndpoint { name, endpoint })
+            .await
+    }
+
+    async fn delete_endpoint(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let name = request.into_inner().name;
+        validate_table_name("endpoint", &name)?;
+        self.table_write(LogRequest::DeleteEndpoint { name }).await
+    }
+
+    async fn put_route(
+        &self,
+        request: Request<pb::PutRouteRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let pb::PutRouteRequest { name, route_json } = request.into_inner();
+        validate_table_name("route", &name)?;
+        let route = parse_definition(&route_json)?;
+        self.table_write(LogRequest::PutRoute { name, route }).await
+    }
+
+    async fn delete_route(
+        &self,
+        request: Request<pb::NameRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let name = request.into_inner().name;
+        validate_table_name("route", &name)?;
+        self.table_write(LogRequest::DeleteRoute { name }).await
+    }
+
+    async fn claim_source(
+        &self,
+        request: Request<pb::ClaimSourceRequest>,
+    ) -> Result<Response<pb::ClaimSourceReply>, Status> {
+        let pb::ClaimSourceRequest { route, edge } = request.into_inner();
+        validate_table_name("route", &route)?;
+        validate_edge(&edge)?;
+        self.ensure_leader()?;
+        // A claim that would change nothing is answered from the applied state, without a raft entry: every
+        // edge asks about every unowned source, and most asks lose.
+        let held = self.core.state.read_state(|s| {
+            s.sources
+                .get(&route)
+                .filter(|owner| s.edges.contains_key(*owner))
+                .map(|owner| (owner.clone(), s.revision))
+        });
+        if let Some((owner, revision)) = held {
+            return Ok(Response::new(pb::ClaimSourceReply {
+                revision,
+                owner,
+                unknown_edge: false,
+            }));
+        }
+        let written = self
+            .write(LogRequest::ClaimSource {
+                route,
+                edge: edge.clone(),
+            })
+            .await?;
+        if let Some(refused) = written.data.refused {
+            return Err(Status::failed_precondition(refused));
+        }
+        Ok(Response::new(pb::ClaimSourceReply {
+            revision: written.data.revision,
+            unknown_edge: written.data.unknown_edges.contains(&edge),
+            owner: written.data.owner.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_routes(
+        &self,
+        _request: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesReply>, Status> {
+        let reply = self.core.state.read_state(|s| pb::ListRoutesReply {
+            revision: s.revision,
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|(name, endpoint)| pb::NamedEndpoint {
+                    name: name.clone(),
+                    endpoint_json: endpoint.clone(),
+                })
+                .collect(),
+            routes: s
+                .routes
+                .iter()
+                .map(|(name, route)| pb::Route {
+                    name: name.clone(),
+                    route_json: route.clone(),
+                })
+                .collect(),
+            sources: s
+                .sources
+                .iter()
+                .map(|(route, edge)| pb::SourceOwner {
+                    route: route.clone(),
+                    edge: edge.clone(),
+                })
+                .collect(),
+        });
+        Ok(Response::new(reply))
     }
 }
 

@@ -495,6 +495,34 @@ pub(crate) fn diff(old: &RegistryState, new: &RegistryState) -> Vec<Change> {
             });
         }
     }
+    for name in old.endpoints.keys() {
+        if !new.endpoints.contains_key(name) {
+            changes.push(Change::EndpointDeleted { name: name.clone() });
+        }
+    }
+    for (name, endpoint) in &new.endpoints {
+        if old.endpoints.get(name) != Some(endpoint) {
+            changes.push(Change::EndpointPut {
+                name: name.clone(),
+                endpoint: endpoint.clone(),
+            });
+        }
+    }
+    for (route, owner) in &old.sources {
+        if new.sources.get(route) != Some(owner) {
+            changes.push(Change::SourceReleased {
+                route: route.clone(),
+            });
+        }
+    }
+    for (route, owner) in &new.sources {
+        if old.sources.get(route) != Some(owner) {
+            changes.push(Change::SourceOwned {
+                route: route.clone(),
+                edge: owner.clone(),
+            });
+        }
+    }
     for (key, value) in &new.settings {
         if old.settings.get(key) != Some(value) {
             changes.push(Change::SettingPut {

@@ -22,6 +22,7 @@ use openraft::{
     Raft, RaftLogReader, RaftNetwork, RaftNetworkFactory, RaftSnapshotBuilder, ServerState,
     StorageError, Vote,
 };
+use serde_json::json;
 use tempfile::TempDir;
 
 use super::state_machine::diff;
@@ -58,6 +59,13 @@ fn membership(term: u64, index: u64, voters: &[NodeId]) -> Entry<TypeConfig> {
     Entry {
         log_id: lid(term, index),
         payload: EntryPayload::Membership(Membership::new(vec![voters], None)),
+    }
+}
+
+fn endpoint(name: &str, definition: serde_json::Value) -> Request {
+    Request::PutEndpoint {
+        name: name.into(),
+        endpoint: definition,
     }
 }
 
@@ -457,6 +465,8 @@ struct Model {
     edges: BTreeMap<String, String>,
     interest: BTreeSet<(String, String)>,
     routes: BTreeMap<String, String>,
+    endpoints: BTreeMap<String, String>,
+    sources: BTreeMap<String, String>,
     settings: BTreeMap<String, String>,
 }
 
@@ -489,6 +499,18 @@ impl Model {
                 Change::RouteDeleted { name } => {
                     self.routes.remove(&name);
                 }
+                Change::EndpointPut { name, endpoint } => {
+                    self.endpoints.insert(name, endpoint);
+                }
+                Change::EndpointDeleted { name } => {
+                    self.endpoints.remove(&name);
+                }
+                Change::SourceOwned { route, edge } => {
+                    self.sources.insert(route, edge);
+                }
+                Change::SourceReleased { route } => {
+                    self.sources.remove(&route);
+                }
                 Change::SettingPut { key, value } => {
                     self.settings.insert(key, value);
                 }
@@ -511,29 +533,46 @@ async fn installing_a_snapshot_replaces_the_state_and_tells_watchers_the_differe
         normal(1, 3, register("b")),
         normal(1, 4, interest("a", &["r1", "r2"], &[])),
         normal(1, 5, interest("b", &["r1"], &[])),
+        normal(1, 6, endpoint("in", json!({"kind": "redis", "url": "redis://h:1/", "channel": "c"}))),
+        normal(1, 7, endpoint("out", json!({"kind": "room", "room": {"c": "1"}}))),
         normal(
             1,
-            6,
+            8,
             Request::PutRoute {
                 name: "x".into(),
-                route: serde_json::json!({"to": "a"}),
+                route: json!({"from": "in", "to": ["out"]}),
+            },
+        ),
+        normal(
+            1,
+            9,
+            Request::ClaimSource {
+                route: "x".into(),
+                edge: "a".into(),
             },
         ),
     ];
     let rest = vec![
-        normal(1, 7, interest("a", &["r3"], &["r1"])),
-        normal(1, 8, register("b")),
-        normal(1, 9, interest("b", &["r9"], &[])),
+        normal(1, 10, interest("a", &["r3"], &["r1"])),
+        normal(1, 11, register("b")),
+        normal(1, 12, interest("b", &["r9"], &[])),
         normal(
             1,
-            10,
+            13,
             Request::RemoveEdges {
                 edges: vec!["a".into()],
             },
         ),
-        normal(1, 11, register("c")),
-        normal(1, 12, Request::DeleteRoute { name: "x".into() }),
-        normal(1, 13, setting("s", "1")),
+        normal(1, 14, register("c")),
+        normal(
+            1,
+            15,
+            Request::ClaimSource {
+                route: "x".into(),
+                edge: "c".into(),
+            },
+        ),
+        normal(1, 16, setting("s", "1")),
     ];
     leader.apply(prefix.clone()).await?;
     leader.apply(rest).await?;
