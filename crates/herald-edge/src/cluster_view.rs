@@ -88,6 +88,10 @@ impl ClusterView {
                 // Routes and settings are the bridges' and operators' business; the publish path ignores them.
                 Change::RoutePut { .. }
                 | Change::RouteDeleted { .. }
+                | Change::EndpointPut { .. }
+                | Change::EndpointDeleted { .. }
+                | Change::SourceOwned { .. }
+                | Change::SourceReleased { .. }
                 | Change::SettingPut { .. } => {}
             }
         }

@@ -40,6 +40,13 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Client RPC to the backend.
     pub rpc: RpcConfig,
+    /// Bridge endpoints by name: rooms, Redis channels, AMQP exchanges, webhooks (see the README's "Routes and
+    /// bridges"). Not settable from the environment: they are structured.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoints: BTreeMap<String, herald_routes::Endpoint>,
+    /// Routes by name: each carries every message of one endpoint to others.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, herald_routes::Route>,
 }
 
 impl Default for Config {
@@ -56,6 +63,8 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             cluster: ClusterConfig::default(),
             rpc: RpcConfig::default(),
+            endpoints: BTreeMap::new(),
+            routes: BTreeMap::new(),
         }
     }
 }
@@ -379,6 +388,14 @@ impl Config {
         Ok(config)
     }
 
+    /// The `endpoints:` and `routes:` sections as a route table.
+    pub fn route_table(&self) -> herald_routes::RouteTable {
+        herald_routes::RouteTable {
+            endpoints: self.endpoints.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if !matches!(self.log_format.as_str(), "text" | "json") {
@@ -444,6 +461,9 @@ impl Config {
                 "rpc.url must be an http:// URL ending in /, not {:?}",
                 self.rpc.url
             ));
+        }
+        if let Err(e) = self.route_table().validate() {
+            return invalid(format!("routes: {e}"));
         }
         for (i, method) in self.auth.static_methods.iter().enumerate() {
             if method != "*" && !herald_protocol::cmd::is_valid_method(method) {

@@ -73,7 +73,11 @@ pub(crate) async fn route(state: Arc<State>, request: hyper::Request<Incoming>) 
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(),
+            {
+                let mut text = state.metrics.render();
+                state.bridges.render(&mut text);
+                text
+            },
         ),
         (_, "/ws/" | "/ws" | "/" | "/herald.js" | "/livez" | "/readyz" | "/metrics") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use herald_registry::client::{InterestOutcome, KeepAliveOutcome, RegistryClient};
 
+use crate::bridge::Bridges;
 use crate::hub::Hub;
 use crate::interest::InterestTracker;
 use crate::peer::Cluster;
@@ -60,6 +61,9 @@ pub(crate) struct RegistryLink {
     pub(crate) tracker: Arc<InterestTracker>,
     /// The cluster handle whose view (and peer links) the watch keeps current.
     pub(crate) cluster: Arc<Cluster>,
+    /// The bridges, which follow the route table and source owners, and stop their sources when the lease
+    /// cannot be renewed.
+    pub(crate) bridges: Arc<Bridges>,
 }
 
 /// A doubling delay between retries, reset after a success.
@@ -105,6 +109,7 @@ impl RegistryLink {
             .await
         {
             Ok(revision) => {
+                self.bridges.lease_renewed();
                 tracing::info!(edge = %id.edge_id, revision, "registered with the registry");
                 true
             }
@@ -136,7 +141,10 @@ impl RegistryLink {
             }
             tokio::time::sleep(renew_every).await;
             match self.client.keep_alive(&self.identity.edge_id).await {
-                Ok(KeepAliveOutcome::Renewed) => backoff.reset(),
+                Ok(KeepAliveOutcome::Renewed) => {
+                    self.bridges.lease_renewed();
+                    backoff.reset();
+                }
                 Ok(KeepAliveOutcome::UnknownEdge) => {
                     tracing::warn!(edge = %self.identity.edge_id, "lease lapsed; registering again");
                     needs_register.store(true, SeqCst);
@@ -214,6 +222,7 @@ impl RegistryLink {
                         } else {
                             self.cluster.apply(update.revision, &update.changes);
                         }
+                        self.bridges.apply_registry(update.snapshot, &update.changes);
                     }
                     Err(e) => {
                         tracing::debug!(cause = %e, "watch stream broke; resuming");

@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use herald_proto::v1::publisher_server::PublisherServer;
 
 use crate::auth::{ApiKeys, AuthConfigError, Authorizer};
+use crate::bridge::{self, Bridges, RegistryHandle};
 use crate::config::Config;
 use crate::grpc::PublisherService;
 use crate::hub::{Hub, PublishOutcome, Target};
@@ -62,6 +63,8 @@ pub struct State {
     pub(crate) cluster: Option<Arc<Cluster>>,
     /// Set when client RPC is configured.
     pub(crate) rpc: Option<Arc<crate::rpc::RpcClient>>,
+    /// Routes and bridges.
+    pub(crate) bridges: Arc<Bridges>,
 }
 
 impl State {
@@ -106,19 +109,25 @@ impl State {
             draining: AtomicBool::new(false),
             going_away: CancellationToken::new(),
             ws_tasks: TaskTracker::new(),
+            bridges: Arc::new(Bridges::new(
+                config.limits.max_publish_body_bytes,
+                config.limits.max_rooms_per_publish,
+            )),
             config,
             cluster,
             rpc,
         })
     }
 
-    /// Delivers a publish locally, then (in a cluster) queues it for the peer edges that want it. What every
-    /// publish API calls; neither step waits on a subscriber or a peer.
+    /// Delivers a publish locally, then (in a cluster) queues it for the peer edges that want it, then hands it
+    /// to the routes whose room pattern it matches. What every publish API and every bridge calls: this is
+    /// where a message enters the cluster. None of the steps waits on a subscriber, a peer or a broker.
     pub(crate) fn publish(&self, targets: &[Target], data: Bytes) -> PublishOutcome {
         let outcome = self.hub.publish(targets, data.clone());
         if let Some(cluster) = &self.cluster {
             cluster.forward(targets, &data);
         }
+        self.bridges.on_publish(self, targets, &data);
         outcome
     }
 
@@ -176,8 +185,20 @@ pub async fn run_with_cluster(
     )?);
     // Registration, keep-alives, interest updates and the watch that feeds the cluster view.
     let leave_registry = CancellationToken::new();
+    let bridge_registry = registry.as_ref().map(|attachment| RegistryHandle {
+        client: attachment.client.clone(),
+        edge_id: attachment.identity.edge_id.clone(),
+        lease_ttl: attachment.identity.lease_ttl,
+    });
+    let stop_bridges = CancellationToken::new();
+    let bridges = tokio::spawn(bridge::run(
+        state.clone(),
+        bridge_registry,
+        stop_bridges.clone(),
+    ));
     if let (Some(attachment), Some(tracker), Some(node)) = (registry, tracker, cluster.as_ref()) {
         let link = RegistryLink {
+            bridges: state.bridges.clone(),
             client: attachment.client,
             identity: attachment.identity,
             hub: state.hub.clone(),
@@ -230,6 +251,9 @@ pub async fn run_with_cluster(
         }
     };
 
+    // Sources stop before the lease lapses, so another edge can take them over without overlap.
+    stop_bridges.cancel();
+    let _ = bridges.await;
     // The lease lapses on its own; stopping the link just stops renewing it.
     leave_registry.cancel();
     stop_http.cancel();

@@ -139,8 +139,8 @@ impl Marshal {
         }
     }
 
-    /// Encodes a message published to `room` with `data` (JSON text) for a broker or a webhook.
-    pub fn encode(self, room: &Value, data: &[u8], traceparent: Option<&str>) -> Vec<u8> {
+    /// Encodes a message for `rooms` with `data` (JSON text) for a broker or a webhook.
+    pub fn encode(self, rooms: &[Value], data: &[u8], traceparent: Option<&str>) -> Vec<u8> {
         match self {
             Marshal::Json => data.to_vec(),
             Marshal::Text => match serde_json::from_slice::<String>(data) {
@@ -153,9 +153,9 @@ impl Marshal {
                 .unwrap_or_else(|| data.to_vec()),
             Marshal::Envelope => {
                 let mut out = Vec::with_capacity(data.len() + 64);
-                out.extend_from_slice(b"{\"rooms\":[");
-                out.extend_from_slice(room.to_string().as_bytes());
-                out.extend_from_slice(b"],\"data\":");
+                out.extend_from_slice(b"{\"rooms\":");
+                out.extend_from_slice(Value::from(rooms.to_vec()).to_string().as_bytes());
+                out.extend_from_slice(b",\"data\":");
                 out.extend_from_slice(data);
                 if let Some(trace) = traceparent {
                     out.extend_from_slice(b",\"traceparent\":");
@@ -194,20 +194,20 @@ mod tests {
         let decoded = Marshal::Json.decode(b" {\"a\":1} \n").unwrap();
         assert_eq!(&decoded.data[..], b"{\"a\":1}");
         assert!(matches!(Marshal::Json.decode(b"{nope"), Err(MarshalError::NotJson(_))));
-        assert_eq!(Marshal::Json.encode(&json!({}), b"[1]", None), b"[1]");
+        assert_eq!(Marshal::Json.encode(&[], b"[1]", None), b"[1]");
     }
 
     #[test]
     fn text_and_bytes_pass_through() {
         let text = Marshal::Text.decode("héllo \"x\"".as_bytes()).unwrap();
         assert_eq!(&text.data[..], r#""héllo \"x\"""#.as_bytes());
-        assert_eq!(Marshal::Text.encode(&json!({}), &text.data, None), "héllo \"x\"".as_bytes());
+        assert_eq!(Marshal::Text.encode(&[], &text.data, None), "héllo \"x\"".as_bytes());
         assert_eq!(Marshal::Text.decode(&[0xff, 0xfe]), Err(MarshalError::NotUtf8));
 
         let raw = [0u8, 255, 10, 13];
         let bytes = Marshal::Bytes.decode(&raw).unwrap();
         assert_eq!(&bytes.data[..], b"\"AP8KDQ==\"");
-        assert_eq!(Marshal::Bytes.encode(&json!({}), &bytes.data, None), raw);
+        assert_eq!(Marshal::Bytes.encode(&[], &bytes.data, None), raw);
     }
 
     #[test]
@@ -219,7 +219,7 @@ mod tests {
         assert_eq!(&decoded.data[..], br#"{"k": [1, 2]}"#);
         assert_eq!(decoded.traceparent.as_deref(), Some("00-ab-cd-01"));
 
-        let out = Marshal::Envelope.encode(&json!({"a": "b"}), b"{\"k\":1}", Some("00-x"));
+        let out = Marshal::Envelope.encode(&[json!({"a": "b"})], b"{\"k\":1}", Some("00-x"));
         let parsed: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(parsed, json!({"rooms": [{"a": "b"}], "data": {"k": 1}, "traceparent": "00-x"}));
     }

@@ -1,0 +1,817 @@
+//! Routes and bridges: messages carried between herald rooms, Redis, RabbitMQ and webhooks (araldo's relay,
+//! High-templar's RabbitMQ triggers), cluster-wide.
+//!
+//! # How a message moves
+//! - **Out of herald** (a route whose source is a room pattern): every publish that enters the cluster through
+//!   this edge ([`crate::server::State::publish`]) is matched against the routes' patterns here, at its ingress
+//!   edge, so it leaves the cluster once however many edges deliver it. Each destination has a bounded queue and
+//!   one worker (a Redis connection, an AMQP channel, an HTTP client), so a slow broker or backend delays only
+//!   its own messages; a full queue drops and counts (`herald_bridge_messages_failed_total{reason="queue_full"}`).
+//! - **Into herald** (a Redis or AMQP source): exactly one edge consumes each source. The registry grants it
+//!   (`ClaimSource`) to a live edge until that edge's lease ends; the others wait, and claim it when the registry
+//!   reports it released. An edge that cannot renew its lease stops its sources before the lease can expire, so
+//!   the next owner never overlaps with it. A decoded message is published like any other publish.
+//! - A message that cannot be decoded is counted, logged with its first bytes and endpoint, and skipped (an AMQP
+//!   delivery is rejected without requeue); the messages behind it go on.
+//!
+//! # Where the table comes from
+//! In a cluster the registry holds the table: each edge writes the `endpoints:` and `routes:` of its
+//! `herald.yaml` at start, `herald ctl routes` changes it at run time, and every edge follows it through its
+//! watch. A node without a registry runs the table of its own configuration.
+//!
+//! Every source consumer and destination worker runs under the [`supervisor`]: a failure restarts it with
+//! backoff and never takes the node down.
+
+pub(crate) mod redis;
+pub(crate) mod supervisor;
+pub(crate) mod webhook;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use herald_protocol::Room;
+use herald_registry::client::{ClaimOutcome, RegistryClient};
+use herald_registry::Change;
+use herald_routes::template::{self, Vars};
+use herald_routes::{Endpoint, Route, RouteTable};
+
+use crate::hub::Target;
+use crate::metrics::Counter;
+use crate::server::State;
+
+use self::supervisor::{Supervisor, TaskFuture};
+
+/// Messages one destination may have waiting for its worker.
+pub(crate) const DESTINATION_QUEUE: usize = 4096;
+/// How often the runner re-checks ownership and leases without being told to.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How many bytes of an undecodable message the log shows.
+const LOGGED_PREFIX: usize = 64;
+
+/// Why a message did not make it, as the `reason` label of `herald_bridge_messages_failed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The source payload could not be decoded with its marshal.
+    Decode,
+    /// Larger than `limits.max-publish-body-bytes`, or more rooms than `limits.max-rooms-per-publish`.
+    TooLarge,
+    /// A placeholder had no value, or the filled room is not a room.
+    NoTarget,
+    /// The destination's queue was full.
+    QueueFull,
+    /// The destination refused or failed the send (the worker reconnects).
+    Send,
+    /// A webhook that exhausted its retries or was refused.
+    DeadLetter,
+}
+
+impl Failure {
+    const ALL: [Failure; 6] = [
+        Failure::Decode,
+        Failure::TooLarge,
+        Failure::NoTarget,
+        Failure::QueueFull,
+        Failure::Send,
+        Failure::DeadLetter,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Failure::Decode => "decode",
+            Failure::TooLarge => "too_large",
+            Failure::NoTarget => "no_target",
+            Failure::QueueFull => "queue_full",
+            Failure::Send => "send",
+            Failure::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// One route's counters. They outlive changes to the route, so `/metrics` stays monotonic.
+#[derive(Debug, Default)]
+pub(crate) struct RouteCounters {
+    messages_in: Counter,
+    failed: [Counter; 6],
+    out: Mutex<BTreeMap<String, Arc<Counter>>>,
+}
+
+impl RouteCounters {
+    fn fail(&self, failure: Failure) {
+        self.failed[failure as usize].inc();
+    }
+
+    fn out(&self, destination: &str) -> Arc<Counter> {
+        self.out
+            .lock()
+            .entry(destination.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Failures counted for `failure`.
+    pub(crate) fn failed(&self, failure: Failure) -> u64 {
+        self.failed[failure as usize].get()
+    }
+}
+
+/// A message on its way through a route.
+#[derive(Debug, Clone)]
+struct BridgeMessage {
+    /// The rooms it was published to, or that its envelope named.
+    rooms: Vec<Room>,
+    /// JSON text.
+    data: Bytes,
+    /// The channel or routing key it arrived on.
+    channel: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl BridgeMessage {
+    fn vars(&self) -> (Vars<'_>, Value) {
+        let first = self.rooms.first().map(Room::to_json).unwrap_or(Value::Null);
+        let mut vars = Vars::room(&first);
+        vars.channel = self.channel.as_deref();
+        (vars, first)
+    }
+}
+
+/// What a destination worker sends: the filled channel or routing key, and the encoded payload.
+#[derive(Debug)]
+struct Outgoing {
+    key: String,
+    payload: Bytes,
+}
+
+#[derive(Debug)]
+struct Destination {
+    name: String,
+    endpoint: Endpoint,
+    /// The worker's queue (`None` for rooms, which are published inline).
+    queue: Option<mpsc::Sender<Outgoing>>,
+    delivered: Arc<Counter>,
+}
+
+/// A route as it runs.
+#[derive(Debug)]
+struct ActiveRoute {
+    name: String,
+    /// The route and its endpoints' definitions: a change to any of them restarts the route's tasks.
+    fingerprint: String,
+    source: Endpoint,
+    /// For a room source, its pattern.
+    pattern: Option<Room>,
+    destinations: Vec<Destination>,
+    counters: Arc<RouteCounters>,
+}
+
+#[derive(Debug, Default)]
+struct Active {
+    routes: BTreeMap<String, Arc<ActiveRoute>>,
+    /// The routes whose source is a room pattern, checked on every publish.
+    room_routes: Vec<Arc<ActiveRoute>>,
+}
+
+/// The registry's endpoints, routes and source owners, as the watch reported them.
+#[derive(Debug, Default)]
+struct Replica {
+    endpoints: BTreeMap<String, String>,
+    routes: BTreeMap<String, String>,
+    owners: BTreeMap<String, String>,
+}
+
+/// An edge's bridges: the running route table, the destination workers and the source ownership.
+#[derive(Debug)]
+pub(crate) struct Bridges {
+    active: RwLock<Arc<Active>>,
+    replica: Mutex<Replica>,
+    counters: Mutex<BTreeMap<String, Arc<RouteCounters>>>,
+    supervisor: Supervisor,
+    /// Woken when the table or the owners change.
+    changed: Notify,
+    /// When this edge last renewed its registry lease (ms since `epoch`); 0 before the first registration.
+    lease_renewed_ms: AtomicU64,
+    epoch: Instant,
+    max_body_bytes: usize,
+    max_rooms: usize,
+}
+
+impl Bridges {
+    /// Bridges for a node with these publish limits, running nothing yet.
+    pub(crate) fn new(max_body_bytes: usize, max_rooms: usize) -> Bridges {
+        Bridges {
+            active: RwLock::default(),
+            replica: Mutex::default(),
+            counters: Mutex::default(),
+            supervisor: Supervisor::default(),
+            changed: Notify::new(),
+            lease_renewed_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            max_body_bytes,
+            max_rooms,
+        }
+    }
+
+    /// Records a successful registration or keep-alive.
+    pub(crate) fn lease_renewed(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.lease_renewed_ms.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the lease was renewed within `window`.
+    fn lease_fresh(&self, window: Duration) -> bool {
+        let renewed = self.lease_renewed_ms.load(Ordering::Relaxed);
+        renewed != 0
+            && self.epoch.elapsed().as_millis() as u64 <= renewed + window.as_millis() as u64
+    }
+
+    fn counters(&self, route: &str) -> Arc<RouteCounters> {
+        self.counters
+            .lock()
+            .entry(route.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Route `route`'s counters (tests).
+    #[cfg(test)]
+    pub(crate) fn route_counters(&self, route: &str) -> Arc<RouteCounters> {
+        self.counters(route)
+    }
+
+    /// Runs `table`: routes whose definition changed get new destination workers (their sources restart on the
+    /// runner's next pass); removed routes stop.
+    pub(crate) fn install(&self, table: &RouteTable) {
+        let old = self.active.read().clone();
+        let mut next = Active::default();
+        for (name, route) in &table.routes {
+            let Some(source) = table.endpoints.get(&route.from) else {
+                continue;
+            };
+            let fingerprint = fingerprint(table, route);
+            let active = match old.routes.get(name) {
+                Some(existing) if existing.fingerprint == fingerprint => existing.clone(),
+                _ => {
+                    self.stop_route(name);
+                    Arc::new(self.start_route(name, route, source, table, fingerprint))
+                }
+            };
+            if active.pattern.is_some() {
+                next.room_routes.push(active.clone());
+            }
+            next.routes.insert(name.clone(), active);
+        }
+        for name in old.routes.keys() {
+            if !next.routes.contains_key(name) {
+                self.stop_route(name);
+            }
+        }
+        *self.active.write() = Arc::new(next);
+        self.changed.notify_one();
+    }
+
+    fn start_route(
+        &self,
+        name: &str,
+        route: &Route,
+        source: &Endpoint,
+        table: &RouteTable,
+        fingerprint: String,
+    ) -> ActiveRoute {
+        let counters = self.counters(name);
+        let destinations = route
+            .to
+            .iter()
+            .filter_map(|to| {
+                let endpoint = table.endpoints.get(to)?.clone();
+                let delivered = counters.out(to);
+                let queue = match &endpoint {
+                    Endpoint::Room(_) => None,
+                    _ => Some(self.start_worker(name, to, &endpoint, &counters, &delivered)),
+                };
+                Some(Destination {
+                    name: to.clone(),
+                    endpoint,
+                    queue,
+                    delivered,
+                })
+            })
+            .collect();
+        let pattern = match source {
+            Endpoint::Room(spec) => spec.room.as_ref().and_then(|r| Room::from_json(r).ok()),
+            _ => None,
+        };
+        ActiveRoute {
+            name: name.to_owned(),
+            fingerprint,
+            source: source.clone(),
+            pattern,
+            destinations,
+            counters,
+        }
+    }
+
+    /// Starts the supervised worker that sends a destination's queue.
+    fn start_worker(
+        &self,
+        route: &str,
+        destination: &str,
+        endpoint: &Endpoint,
+        counters: &Arc<RouteCounters>,
+        delivered: &Arc<Counter>,
+    ) -> mpsc::Sender<Outgoing> {
+        let (tx, rx) = mpsc::channel(DESTINATION_QUEUE);
+        // Shared by the worker's successive runs: a restart picks up where the failed run stopped.
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let endpoint = endpoint.clone();
+        let counters = counters.clone();
+        let delivered = delivered.clone();
+        let destination_name = destination.to_owned();
+        self.supervisor
+            .start(&format!("{route}->{destination}"), move |stop| {
+                let rx = rx.clone();
+                let endpoint = endpoint.clone();
+                let counters = counters.clone();
+                let delivered = delivered.clone();
+                let name = destination_name.clone();
+                Box::pin(async move {
+                    let mut rx = rx.lock().await;
+                    send_loop(&endpoint, &name, &mut rx, &counters, &delivered, stop).await
+                }) as TaskFuture
+            });
+        tx
+    }
+
+    fn stop_route(&self, route: &str) {
+        let prefix = format!("{route}->");
+        for name in self.supervisor.names() {
+            if name.starts_with(&prefix) || name == source_task(route) {
+                self.supervisor.stop(&name);
+            }
+        }
+    }
+
+    /// Stops every worker and source.
+    pub(crate) fn stop(&self) {
+        self.supervisor.stop_all();
+    }
+
+    /// Sends a publish that entered the cluster here through every route whose room pattern it matches.
+    pub(crate) fn on_publish(&self, state: &State, targets: &[Target], data: &Bytes) {
+        let active = self.active.read().clone();
+        if active.room_routes.is_empty() {
+            return;
+        }
+        for route in &active.room_routes {
+            let Some(pattern) = &route.pattern else {
+                continue;
+            };
+            for target in targets {
+                if let Target::Room(room) = target {
+                    if room.matches(pattern) {
+                        route.counters.messages_in.inc();
+                        let message = BridgeMessage {
+                            rooms: vec![room.clone()],
+                            data: data.clone(),
+                            channel: None,
+                            traceparent: None,
+                        };
+                        self.dispatch(state, route, &message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a payload that arrived on `channel` from route `route`'s external source to its destinations.
+    fn on_source_message(&self, state: &State, route: &ActiveRoute, channel: &str, payload: &[u8]) {
+        if payload.len() > self.max_body_bytes {
+            route.counters.fail(Failure::TooLarge);
+            tracing::warn!(route = %route.name, bytes = payload.len(), "bridge message larger than limits.max-publish-body-bytes; skipped");
+            return;
+        }
+        let decoded = match route.source.marshal().decode(payload) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                route.counters.fail(Failure::Decode);
+                tracing::warn!(
+                    route = %route.name,
+                    endpoint = %route.source.kind(),
+                    channel,
+                    cause = %e,
+                    first_bytes = %String::from_utf8_lossy(&payload[..payload.len().min(LOGGED_PREFIX)]).escape_debug(),
+                    "undecodable bridge message; skipped"
+                );
+                return;
+            }
+        };
+        route.counters.messages_in.inc();
+        let message = BridgeMessage {
+            rooms: decoded.rooms.unwrap_or_default(),
+            data: decoded.data,
+            channel: Some(channel.to_owned()),
+            traceparent: decoded.traceparent,
+        };
+        self.dispatch(state, route, &message);
+    }
+
+    fn dispatch(&self, state: &State, route: &ActiveRoute, message: &BridgeMessage) {
+        let (vars, first_room) = message.vars();
+        for destination in &route.destinations {
+            match (&destination.endpoint, &destination.queue) {
+                (Endpoint::Room(spec), _) => {
+                    let rooms = match &spec.room {
+                        None => message.rooms.clone(),
+                        Some(template) => {
+                            match template::fill_room(template, &vars, &first_room)
+                                .and_then(|room| Room::from_json(&room).ok())
+                            {
+                                Some(room) => vec![room],
+                                None => {
+                                    route.counters.fail(Failure::NoTarget);
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    if rooms.is_empty() {
+                        route.counters.fail(Failure::NoTarget);
+                        continue;
+                    }
+                    if rooms.len() > self.max_rooms {
+                        route.counters.fail(Failure::TooLarge);
+                        continue;
+                    }
+                    let targets: Vec<Target> = rooms.into_iter().map(Target::Room).collect();
+                    state.publish(&targets, message.data.clone());
+                    destination.delivered.inc();
+                }
+                (endpoint, Some(queue)) => {
+                    let key_template = match endpoint {
+                        Endpoint::Redis(spec) => spec.channel.clone(),
+                        Endpoint::Amqp(spec) => spec.resolved().routing_key,
+                        _ => String::new(),
+                    };
+                    let Some(key) = template::fill(&key_template, &vars) else {
+                        route.counters.fail(Failure::NoTarget);
+                        continue;
+                    };
+                    let rooms: Vec<Value> = message.rooms.iter().map(Room::to_json).collect();
+                    let payload = endpoint.marshal().encode(
+                        &rooms,
+                        &message.data,
+                        message.traceparent.as_deref(),
+                    );
+                    let outgoing = Outgoing {
+                        key,
+                        payload: Bytes::from(payload),
+                    };
+                    if queue.try_send(outgoing).is_err() {
+                        route.counters.fail(Failure::QueueFull);
+                        tracing::debug!(route = %route.name, destination = %destination.name, "bridge destination queue full; message dropped");
+                    }
+                }
+                (_, None) => {}
+            }
+        }
+    }
+
+    /// Follows the registry's watch: endpoints, routes and source owners.
+    pub(crate) fn apply_registry(&self, snapshot: bool, changes: &[Change]) {
+        let table = {
+            let mut replica = self.replica.lock();
+            if snapshot {
+                *replica = Replica::default();
+            }
+            let mut table_changed = snapshot;
+            for change in changes {
+                match change {
+                    Change::EndpointPut { name, endpoint } => {
+                        replica.endpoints.insert(name.clone(), endpoint.clone());
+                        table_changed = true;
+                    }
+                    Change::EndpointDeleted { name } => {
+                        replica.endpoints.remove(name);
+                        table_changed = true;
+                    }
+                    Change::RoutePut { name, route } => {
+                        replica.routes.insert(name.clone(), route.clone());
+                        table_changed = true;
+                    }
+                    Change::RouteDeleted { name } => {
+                        replica.routes.remove(name);
+                        table_changed = true;
+                    }
+                    Change::SourceOwned { route, edge } => {
+                        replica.owners.insert(route.clone(), edge.clone());
+                    }
+                    Change::SourceReleased { route } => {
+                        replica.owners.remove(route);
+                    }
+                    _ => {}
+                }
+            }
+            table_changed.then(|| replica_table(&replica))
+        };
+        if let Some(table) = table {
+            self.install(&table);
+        }
+        self.changed.notify_one();
+    }
+
+    fn owner(&self, route: &str) -> Option<String> {
+        self.replica.lock().owners.get(route).cloned()
+    }
+
+    /// `herald_bridge_*` series for `/metrics`.
+    pub(crate) fn render(&self, out: &mut String) {
+        let counters = self.counters.lock();
+        if counters.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP herald_bridge_messages_in_total Messages a route took from its source.\n# TYPE herald_bridge_messages_in_total counter");
+        for (route, c) in counters.iter() {
+            let _ = writeln!(out, "herald_bridge_messages_in_total{{route=\"{route}\"}} {}", c.messages_in.get());
+        }
+        let _ = writeln!(out, "# HELP herald_bridge_messages_out_total Messages a route delivered to a destination.\n# TYPE herald_bridge_messages_out_total counter");
+        for (route, c) in counters.iter() {
+            for (destination, n) in c.out.lock().iter() {
+                let _ = writeln!(out, "herald_bridge_messages_out_total{{route=\"{route}\",destination=\"{destination}\"}} {}", n.get());
+            }
+        }
+        let _ = writeln!(out, "# HELP herald_bridge_messages_failed_total Messages a route could not carry, by reason.\n# TYPE herald_bridge_messages_failed_total counter");
+        for (route, c) in counters.iter() {
+            for failure in Failure::ALL {
+                let _ = writeln!(out, "herald_bridge_messages_failed_total{{route=\"{route}\",reason=\"{}\"}} {}", failure.label(), c.failed(failure));
+            }
+        }
+        drop(counters);
+        let statuses = self.supervisor.statuses();
+        let _ = writeln!(out, "# HELP herald_bridge_task_up Whether a supervised bridge task (a source consumer, or a route's destination worker) runs on this node.\n# TYPE herald_bridge_task_up gauge");
+        for (task, status) in &statuses {
+            let _ = writeln!(out, "herald_bridge_task_up{{task=\"{task}\"}} {}", u8::from(status.up));
+        }
+        let _ = writeln!(out, "# HELP herald_bridge_task_restarts_total Restarts of a supervised bridge task after a failure.\n# TYPE herald_bridge_task_restarts_total counter");
+        for (task, status) in &statuses {
+            let _ = writeln!(out, "herald_bridge_task_restarts_total{{task=\"{task}\"}} {}", status.restarts);
+        }
+    }
+}
+
+/// The supervisor's name for route `route`'s source consumer.
+fn source_task(route: &str) -> String {
+    format!("{route}<-source")
+}
+
+fn fingerprint(table: &RouteTable, route: &Route) -> String {
+    let endpoints: BTreeMap<&String, Option<&Endpoint>> = std::iter::once(&route.from)
+        .chain(route.to.iter())
+        .map(|name| (name, table.endpoints.get(name)))
+        .collect();
+    serde_json::json!({"route": route, "endpoints": endpoints}).to_string()
+}
+
+fn replica_table(replica: &Replica) -> RouteTable {
+    RouteTable {
+        endpoints: replica
+            .endpoints
+            .iter()
+            .filter_map(|(n, e)| Some((n.clone(), serde_json::from_str(e).ok()?)))
+            .collect(),
+        routes: replica
+            .routes
+            .iter()
+            .filter_map(|(n, r)| Some((n.clone(), serde_json::from_str(r).ok()?)))
+            .collect(),
+    }
+}
+
+/// One run of a destination worker: connect, then send the queue in order until `stop` or a failure.
+async fn send_loop(
+    endpoint: &Endpoint,
+    destination: &str,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    counters: &RouteCounters,
+    delivered: &Counter,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    match endpoint {
+        Endpoint::Redis(spec) => {
+            let mut sink = redis::RedisSink::connect(spec).await?;
+            loop {
+                let Some(message) = next(rx, &stop).await else {
+                    return Ok(());
+                };
+                if let Err(e) = sink.publish(&message.key, &message.payload).await {
+                    counters.fail(Failure::Send);
+                    return Err(e);
+                }
+                delivered.inc();
+            }
+        }
+        Endpoint::Webhook(spec) => {
+            let sink = webhook::WebhookSink::new(spec)?;
+            loop {
+                let Some(message) = next(rx, &stop).await else {
+                    return Ok(());
+                };
+                match sink.deliver(message.payload).await {
+                    webhook::WebhookOutcome::Delivered { .. } => delivered.inc(),
+                    webhook::WebhookOutcome::DeadLetter(reason) => {
+                        counters.fail(Failure::DeadLetter);
+                        tracing::warn!(destination, url = %spec.url, cause = %reason, "webhook dead letter");
+                    }
+                }
+            }
+        }
+        Endpoint::Amqp(_) => Err("amqp destinations are not built in this version".into()),
+        Endpoint::Room(_) => Ok(()),
+    }
+}
+
+async fn next(rx: &mut mpsc::Receiver<Outgoing>, stop: &CancellationToken) -> Option<Outgoing> {
+    tokio::select! {
+        message = rx.recv() => message,
+        _ = stop.cancelled() => None,
+    }
+}
+
+/// How the runner reaches the registry (cluster nodes only).
+#[derive(Debug, Clone)]
+pub(crate) struct RegistryHandle {
+    pub(crate) client: RegistryClient,
+    pub(crate) edge_id: String,
+    pub(crate) lease_ttl: Duration,
+}
+
+/// Runs the node's bridges until `shutdown`: installs the configured table (or writes it to the registry), then
+/// keeps the sources this node owns running.
+pub(crate) async fn run(
+    state: Arc<State>,
+    registry: Option<RegistryHandle>,
+    shutdown: CancellationToken,
+) {
+    let configured = state.config.route_table();
+    match &registry {
+        None => state.bridges.install(&configured),
+        Some(handle) => {
+            let handle = handle.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = seed_registry(&handle.client, &configured) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
+    }
+    let bridges = state.bridges.clone();
+    let mut running: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_claim: BTreeMap<String, Instant> = BTreeMap::new();
+    loop {
+        let active = bridges.active.read().clone();
+        let mut wanted = BTreeSet::new();
+        for (name, route) in &active.routes {
+            if !route.source.is_external_source() {
+                continue;
+            }
+            let mine = match &registry {
+                None => true,
+                Some(handle) => {
+                    let fresh = bridges.lease_fresh(handle.lease_ttl * 3 / 4);
+                    match bridges.owner(name) {
+                        Some(owner) => owner == handle.edge_id && fresh,
+                        None => {
+                            let due = last_claim
+                                .get(name)
+                                .is_none_or(|at| at.elapsed() >= Duration::from_millis(500));
+                            if fresh && due {
+                                last_claim.insert(name.clone(), Instant::now());
+                                tokio::spawn(claim(handle.clone(), name.clone()));
+                            }
+                            false
+                        }
+                    }
+                }
+            };
+            if mine {
+                wanted.insert(name.clone());
+            }
+        }
+        // Stop what is no longer ours (or changed), then start what is.
+        running.retain(|name, fingerprint| {
+            let keep = wanted.contains(name)
+                && active.routes.get(name).map(|r| &r.fingerprint) == Some(fingerprint);
+            if !keep {
+                tracing::info!(route = %name, "stopping bridge source");
+                bridges.supervisor.stop(&source_task(name));
+            }
+            keep
+        });
+        for name in &wanted {
+            if running.contains_key(name) {
+                continue;
+            }
+            let route = active.routes[name].clone();
+            tracing::info!(route = %name, "starting bridge source");
+            running.insert(name.clone(), route.fingerprint.clone());
+            start_source(&state, route);
+        }
+        tokio::select! {
+            _ = bridges.changed.notified() => {}
+            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    bridges.stop();
+}
+
+fn start_source(state: &Arc<State>, route: Arc<ActiveRoute>) {
+    let name = source_task(&route.name);
+    let state = state.clone();
+    state.bridges.clone().supervisor.start(&name, move |stop| {
+        let state = state.clone();
+        let route = route.clone();
+        Box::pin(async move {
+            match &route.source {
+                Endpoint::Redis(spec) => {
+                    redis::consume(spec, stop, |channel, payload| {
+                        state
+                            .bridges
+                            .on_source_message(&state, &route, channel, payload)
+                    })
+                    .await
+                }
+                Endpoint::Amqp(_) => Err("amqp sources are not built in this version".into()),
+                _ => Ok(()),
+            }
+        }) as TaskFuture
+    });
+}
+
+async fn claim(handle: RegistryHandle, route: String) {
+    // Spread the edges' claims a little so one does not always win every source.
+    let jitter = rand_jitter(&handle.edge_id, &route);
+    tokio::time::sleep(jitter).await;
+    match handle.client.claim_source(&route, &handle.edge_id).await {
+        Ok(ClaimOutcome::Owner(owner)) => {
+            tracing::debug!(route = %route, owner = %owner, "source claimed");
+        }
+        Ok(ClaimOutcome::UnknownEdge) => {
+            tracing::debug!(route = %route, "claim refused: this edge is not registered (yet)");
+        }
+        Err(e) => tracing::debug!(route = %route, cause = %e, "source claim failed"),
+    }
+}
+
+/// A delay of 0-200 ms that differs between edges and routes.
+fn rand_jitter(edge: &str, route: &str) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write(edge.as_bytes());
+    hasher.write(route.as_bytes());
+    Duration::from_millis(hasher.finish() % 200)
+}
+
+/// Writes this node's configured endpoints, then its routes, to the registry, retrying until the registry
+/// answers. A refusal (the configured table clashes with routes added at run time) is logged and left.
+async fn seed_registry(client: &RegistryClient, table: &RouteTable) {
+    for (name, endpoint) in &table.endpoints {
+        let json = serde_json::to_string(endpoint).expect("endpoints serialize");
+        put_until_answered("endpoint", name, || client.put_endpoint(name, &json)).await;
+    }
+    for (name, route) in &table.routes {
+        let json = serde_json::to_string(route).expect("routes serialize");
+        put_until_answered("route", name, || client.put_route(name, &json)).await;
+    }
+}
+
+async fn put_until_answered<F, Fut>(what: &str, name: &str, mut put: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, herald_registry::client::ClientError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match put().await {
+            Ok(_) => return,
+            Err(e) if e.code() == tonic::Code::InvalidArgument || e.code() == tonic::Code::FailedPrecondition => {
+                tracing::error!(what, name, cause = %e, "the registry refused this node's configured {what}");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(what, name, cause = %e, "registry unavailable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
