@@ -2,6 +2,7 @@
 //! child process), a real WebSocket client, real HTTP backends, and an HTTP client for the publish APIs.
 #![allow(dead_code, missing_docs, unreachable_pub)]
 
+pub mod brokers;
 pub mod procs;
 
 use std::collections::BTreeMap;
