@@ -281,7 +281,7 @@ async fn a_slow_consumer_is_disconnected_without_slowing_anyone() {
             .publish(json!({"rooms": [{"feed": "big"}], "data": payload}))
             .await;
         published += 1;
-        if published % 25 == 0
+        if published.is_multiple_of(25)
             && server
                 .metric("herald_slow_consumer_disconnects_total")
                 .await

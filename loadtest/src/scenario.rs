@@ -358,7 +358,7 @@ impl Scenario {
         if c.rooms == 0 {
             return fail("clients.rooms must be at least 1".into());
         }
-        if c.connections == 0 || c.connections % c.rooms != 0 {
+        if c.connections == 0 || !c.connections.is_multiple_of(c.rooms) {
             return fail(format!(
                 "clients.connections ({}) must be a positive multiple of clients.rooms ({})",
                 c.connections, c.rooms

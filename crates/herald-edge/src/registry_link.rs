@@ -222,7 +222,8 @@ impl RegistryLink {
                         } else {
                             self.cluster.apply(update.revision, &update.changes);
                         }
-                        self.bridges.apply_registry(update.snapshot, &update.changes);
+                        self.bridges
+                            .apply_registry(update.snapshot, &update.changes);
                     }
                     Err(e) => {
                         tracing::debug!(cause = %e, "watch stream broke; resuming");

@@ -266,7 +266,7 @@ fn rooms_of(edge: &str) -> Vec<String> {
 
 /// Change `n` of an edge: pass `n / ROOMS_PER_EDGE` over its rooms adds them when even, removes them when odd.
 fn change(rooms: &[String], n: usize) -> (bool, &String) {
-    ((n / ROOMS_PER_EDGE) % 2 == 0, &rooms[n % ROOMS_PER_EDGE])
+    ((n / ROOMS_PER_EDGE).is_multiple_of(2), &rooms[n % ROOMS_PER_EDGE])
 }
 
 async fn run_saturating_edge(
@@ -285,7 +285,7 @@ async fn run_saturating_edge(
         let batch: Vec<String> = (0..k)
             .map(|j| rooms[(first + j) % ROOMS_PER_EDGE].clone())
             .collect();
-        let (add, remove) = if n % 2 == 0 {
+        let (add, remove) = if n.is_multiple_of(2) {
             (batch, Vec::new())
         } else {
             (Vec::new(), batch)

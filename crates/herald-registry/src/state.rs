@@ -13,7 +13,9 @@ use crate::types::{EdgeId, Request, Response};
 
 /// The source endpoint named by a stored route.
 fn route_source(route_json: &str) -> Option<String> {
-    serde_json::from_str::<Route>(route_json).ok().map(|r| r.from)
+    serde_json::from_str::<Route>(route_json)
+        .ok()
+        .map(|r| r.from)
 }
 
 /// A registered edge.
@@ -268,12 +270,19 @@ impl RegistryState {
                 }
             }
             Request::ClaimSource { route, edge } => {
-                let holder = self.sources.get(route).filter(|e| self.edges.contains_key(*e));
+                let holder = self
+                    .sources
+                    .get(route)
+                    .filter(|e| self.edges.contains_key(*e));
                 if let Some(holder) = holder {
                     response.owner = Some(holder.clone());
                 } else if !self.edges.contains_key(edge) {
                     response.unknown_edges.push(edge.clone());
-                } else if !self.route_table().external_sources().any(|(n, _, _)| n == route) {
+                } else if !self
+                    .route_table()
+                    .external_sources()
+                    .any(|(n, _, _)| n == route)
+                {
                     response.refused = Some(format!("route {route:?} has no external source"));
                 } else {
                     self.sources.insert(route.clone(), edge.clone());
@@ -461,7 +470,12 @@ pub(crate) mod tests {
         assert_eq!(s.edges["a"].registered_at, 3);
     }
 
-    fn put_endpoint(s: &mut RegistryState, rev: u64, name: &str, def: serde_json::Value) -> Response {
+    fn put_endpoint(
+        s: &mut RegistryState,
+        rev: u64,
+        name: &str,
+        def: serde_json::Value,
+    ) -> Response {
         s.apply(
             rev,
             &Request::PutEndpoint {
@@ -541,9 +555,18 @@ pub(crate) mod tests {
             Some("route \"y\": unknown endpoint \"nowhere\"")
         );
         let malformed = s
-            .apply(5, &Request::PutRoute { name: "z".into(), route: serde_json::json!({"to": "a"}) })
+            .apply(
+                5,
+                &Request::PutRoute {
+                    name: "z".into(),
+                    route: serde_json::json!({"to": "a"}),
+                },
+            )
             .0;
-        assert!(malformed.refused.unwrap().starts_with("route \"z\": invalid type"));
+        assert!(malformed
+            .refused
+            .unwrap()
+            .starts_with("route \"z\": invalid type"));
         let in_use = s.apply(6, &Request::DeleteEndpoint { name: "in".into() }).0;
         assert!(in_use.refused.unwrap().contains("used by route"));
         // room {c: *} -> back into the same room pattern: a cycle.
@@ -565,7 +588,12 @@ pub(crate) mod tests {
         let lost = claim(&mut s, 7, "x", "b");
         assert_eq!((lost.owner.as_deref(), lost.changed), (Some("a"), false));
         // The owner's lease ends: the source is free, and the next claim wins it.
-        let (_, changes) = s.apply(8, &Request::RemoveEdges { edges: vec!["a".into()] });
+        let (_, changes) = s.apply(
+            8,
+            &Request::RemoveEdges {
+                edges: vec!["a".into()],
+            },
+        );
         assert!(changes.contains(&Change::SourceReleased { route: "x".into() }));
         assert_eq!(claim(&mut s, 9, "x", "b").owner.as_deref(), Some("b"));
         // Re-pointing the route at another source releases it too.

@@ -139,7 +139,13 @@ impl AmqpSpec {
         let preset = self.preset.map(|AmqpPreset::Hightemplar| {
             // High-templar declared the exchange this way; declaring it with other arguments would fail with
             // PRECONDITION_FAILED against one that already exists.
-            ("hightemplar", ExchangeKind::Direct, false, "*", Marshal::Envelope)
+            (
+                "hightemplar",
+                ExchangeKind::Direct,
+                false,
+                "*",
+                Marshal::Envelope,
+            )
         });
         let exchange_kind = self
             .exchange_kind
@@ -262,7 +268,9 @@ impl Endpoint {
                 }
                 check_channel("exchange", &r.exchange)?;
                 if r.routing_key.len() > MAX_CHANNEL_LEN {
-                    return Err(format!("routing-key is longer than {MAX_CHANNEL_LEN} bytes"));
+                    return Err(format!(
+                        "routing-key is longer than {MAX_CHANNEL_LEN} bytes"
+                    ));
                 }
                 if let Some(queue) = &r.queue {
                     check_channel("queue", queue)?;
@@ -409,12 +417,18 @@ mod tests {
 
     #[test]
     fn kinds_parse_with_defaults() {
-        let redis = endpoint(json!({"kind": "redis", "url": "redis://127.0.0.1:6379/", "channel": "a.*"}));
+        let redis =
+            endpoint(json!({"kind": "redis", "url": "redis://127.0.0.1:6379/", "channel": "a.*"}));
         assert_eq!(redis.marshal(), Marshal::Json);
         assert!(redis.validate().is_ok());
         let hook = endpoint(json!({"kind": "webhook", "url": "http://127.0.0.1:9/h"}));
-        let Endpoint::Webhook(spec) = &hook else { panic!() };
-        assert_eq!((spec.timeout_ms, spec.retries, spec.marshal), (5000, 3, Marshal::Envelope));
+        let Endpoint::Webhook(spec) = &hook else {
+            panic!()
+        };
+        assert_eq!(
+            (spec.timeout_ms, spec.retries, spec.marshal),
+            (5000, 3, Marshal::Envelope)
+        );
     }
 
     #[test]
@@ -427,7 +441,9 @@ mod tests {
 
     #[test]
     fn hightemplar_preset_matches_high_templar() {
-        let ep = endpoint(json!({"kind": "amqp", "url": "amqp://guest:guest@127.0.0.1:5672/%2f", "preset": "hightemplar"}));
+        let ep = endpoint(
+            json!({"kind": "amqp", "url": "amqp://guest:guest@127.0.0.1:5672/%2f", "preset": "hightemplar"}),
+        );
         let Endpoint::Amqp(spec) = &ep else { panic!() };
         let r = spec.resolved();
         assert_eq!(r.exchange, "hightemplar");
@@ -463,7 +479,8 @@ mod tests {
         let glob = endpoint(json!({"kind": "redis", "url": "redis://h/", "channel": "a.*"}));
         assert!(glob.validate_role(Role::Source, false).is_ok());
         assert!(glob.validate_role(Role::Destination, false).is_err());
-        let templated = endpoint(json!({"kind": "redis", "url": "redis://h/", "channel": "a.{id}"}));
+        let templated =
+            endpoint(json!({"kind": "redis", "url": "redis://h/", "channel": "a.{id}"}));
         assert!(templated.validate_role(Role::Source, false).is_err());
         assert!(templated.validate_role(Role::Destination, false).is_ok());
         let no_room = endpoint(json!({"kind": "room"}));
@@ -474,10 +491,12 @@ mod tests {
 
     #[test]
     fn feeds_follows_servers_channels_and_rooms() {
-        let out = endpoint(json!({"kind": "redis", "url": "redis://:pw@h:1/", "channel": "out.{id}"}));
+        let out =
+            endpoint(json!({"kind": "redis", "url": "redis://:pw@h:1/", "channel": "out.{id}"}));
         let in_other = endpoint(json!({"kind": "redis", "url": "redis://h:1", "channel": "in.*"}));
         let in_same = endpoint(json!({"kind": "redis", "url": "redis://h:1", "channel": "out.*"}));
-        let elsewhere = endpoint(json!({"kind": "redis", "url": "redis://h:2", "channel": "out.*"}));
+        let elsewhere =
+            endpoint(json!({"kind": "redis", "url": "redis://h:2", "channel": "out.*"}));
         assert!(!out.feeds(&in_other));
         assert!(out.feeds(&in_same));
         assert!(!out.feeds(&elsewhere));

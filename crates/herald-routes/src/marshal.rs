@@ -193,7 +193,10 @@ mod tests {
     fn json_round_trip_and_refusal() {
         let decoded = Marshal::Json.decode(b" {\"a\":1} \n").unwrap();
         assert_eq!(&decoded.data[..], b"{\"a\":1}");
-        assert!(matches!(Marshal::Json.decode(b"{nope"), Err(MarshalError::NotJson(_))));
+        assert!(matches!(
+            Marshal::Json.decode(b"{nope"),
+            Err(MarshalError::NotJson(_))
+        ));
         assert_eq!(Marshal::Json.encode(&[], b"[1]", None), b"[1]");
     }
 
@@ -201,8 +204,14 @@ mod tests {
     fn text_and_bytes_pass_through() {
         let text = Marshal::Text.decode("héllo \"x\"".as_bytes()).unwrap();
         assert_eq!(&text.data[..], r#""héllo \"x\"""#.as_bytes());
-        assert_eq!(Marshal::Text.encode(&[], &text.data, None), "héllo \"x\"".as_bytes());
-        assert_eq!(Marshal::Text.decode(&[0xff, 0xfe]), Err(MarshalError::NotUtf8));
+        assert_eq!(
+            Marshal::Text.encode(&[], &text.data, None),
+            "héllo \"x\"".as_bytes()
+        );
+        assert_eq!(
+            Marshal::Text.decode(&[0xff, 0xfe]),
+            Err(MarshalError::NotUtf8)
+        );
 
         let raw = [0u8, 255, 10, 13];
         let bytes = Marshal::Bytes.decode(&raw).unwrap();
@@ -221,7 +230,10 @@ mod tests {
 
         let out = Marshal::Envelope.encode(&[json!({"a": "b"})], b"{\"k\":1}", Some("00-x"));
         let parsed: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(parsed, json!({"rooms": [{"a": "b"}], "data": {"k": 1}, "traceparent": "00-x"}));
+        assert_eq!(
+            parsed,
+            json!({"rooms": [{"a": "b"}], "data": {"k": 1}, "traceparent": "00-x"})
+        );
     }
 
     #[test]
@@ -237,6 +249,9 @@ mod tests {
             let err = Marshal::Envelope.decode(body).unwrap_err().to_string();
             assert!(err.contains(expected), "{err} lacks {expected}");
         }
-        assert!(matches!(Marshal::Envelope.decode(b"\xff"), Err(MarshalError::NotJson(_))));
+        assert!(matches!(
+            Marshal::Envelope.decode(b"\xff"),
+            Err(MarshalError::NotJson(_))
+        ));
     }
 }

@@ -193,8 +193,10 @@ impl RouteTable {
                         }
                         1 => {
                             let from = stack.iter().position(|(n, _)| *n == succ).unwrap_or(0);
-                            let mut path: Vec<&str> =
-                                stack[from..].iter().map(|(n, _)| routes[*n].0.as_str()).collect();
+                            let mut path: Vec<&str> = stack[from..]
+                                .iter()
+                                .map(|(n, _)| routes[*n].0.as_str())
+                                .collect();
                             path.push(routes[succ].0);
                             return Err(RouteError::Cycle(path.join(" -> ")));
                         }
@@ -246,9 +248,7 @@ impl RouteTable {
     pub fn external_sources(&self) -> impl Iterator<Item = (&String, &Route, &Endpoint)> {
         self.routes.iter().filter_map(|(name, route)| {
             let source = self.endpoints.get(&route.from)?;
-            source
-                .is_external_source()
-                .then_some((name, route, source))
+            source.is_external_source().then_some((name, route, source))
         })
     }
 }
@@ -294,23 +294,57 @@ mod tests {
     fn unknown_endpoints_and_bad_roles_are_refused() {
         let t = table(base());
         let err = t
-            .with_route("x", Route { from: "nope".into(), to: vec!["hook".into()] })
+            .with_route(
+                "x",
+                Route {
+                    from: "nope".into(),
+                    to: vec!["hook".into()],
+                },
+            )
             .unwrap_err();
         assert_eq!(err.to_string(), "route \"x\": unknown endpoint \"nope\"");
         let err = t
-            .with_route("x", Route { from: "hook".into(), to: vec!["orders".into()] })
+            .with_route(
+                "x",
+                Route {
+                    from: "hook".into(),
+                    to: vec!["orders".into()],
+                },
+            )
             .unwrap_err();
-        assert!(err.to_string().contains("webhook can only be a destination"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("webhook can only be a destination"),
+            "{err}"
+        );
         let err = t
-            .with_route("x", Route { from: "redis-in".into(), to: vec!["from-message".into()] })
+            .with_route(
+                "x",
+                Route {
+                    from: "redis-in".into(),
+                    to: vec!["from-message".into()],
+                },
+            )
             .unwrap_err();
         assert!(err.to_string().contains("does not carry rooms"), "{err}");
         let err = t
-            .with_route("x", Route { from: "redis-in".into(), to: vec![] })
+            .with_route(
+                "x",
+                Route {
+                    from: "redis-in".into(),
+                    to: vec![],
+                },
+            )
             .unwrap_err();
         assert!(err.to_string().contains("no destinations"), "{err}");
         let err = t
-            .with_route("bad name", Route { from: "redis-in".into(), to: vec!["hook".into()] })
+            .with_route(
+                "bad name",
+                Route {
+                    from: "redis-in".into(),
+                    to: vec!["hook".into()],
+                },
+            )
             .unwrap_err();
         assert!(matches!(err, RouteError::BadName { .. }));
     }
@@ -326,19 +360,43 @@ mod tests {
             )
             .unwrap();
         let err = t2
-            .with_route("back", Route { from: "any-order".into(), to: vec!["redis-loop".into()] })
+            .with_route(
+                "back",
+                Route {
+                    from: "any-order".into(),
+                    to: vec!["redis-loop".into()],
+                },
+            )
             .unwrap_err();
-        assert!(matches!(&err, RouteError::Cycle(path) if path.contains("back") && path.contains("in")), "{err}");
+        assert!(
+            matches!(&err, RouteError::Cycle(path) if path.contains("back") && path.contains("in")),
+            "{err}"
+        );
         // The same channel on another server is no cycle.
         t2.endpoints.insert(
             "redis-elsewhere".into(),
-            serde_json::from_value(json!({"kind": "redis", "url": "redis://127.0.0.2:6379", "channel": "in.{orders}"})).unwrap(),
+            serde_json::from_value(
+                json!({"kind": "redis", "url": "redis://127.0.0.2:6379", "channel": "in.{orders}"}),
+            )
+            .unwrap(),
         );
-        t2.with_route("away", Route { from: "any-order".into(), to: vec!["redis-elsewhere".into()] })
-            .unwrap();
+        t2.with_route(
+            "away",
+            Route {
+                from: "any-order".into(),
+                to: vec!["redis-elsewhere".into()],
+            },
+        )
+        .unwrap();
         // room -> room loops are cycles too.
         let err = t
-            .with_route("self", Route { from: "any-order".into(), to: vec!["orders".into()] })
+            .with_route(
+                "self",
+                Route {
+                    from: "any-order".into(),
+                    to: vec!["orders".into()],
+                },
+            )
             .unwrap_err();
         assert!(matches!(err, RouteError::Cycle(_)), "{err}");
     }
@@ -346,9 +404,16 @@ mod tests {
     #[test]
     fn endpoints_in_use_cannot_be_removed() {
         let t = table(base());
-        assert!(matches!(t.without_endpoint("hook"), Err(RouteError::InUse { .. })));
+        assert!(matches!(
+            t.without_endpoint("hook"),
+            Err(RouteError::InUse { .. })
+        ));
         let mut t = t;
         t.routes.remove("out");
-        assert!(!t.without_endpoint("hook").unwrap().endpoints.contains_key("hook"));
+        assert!(!t
+            .without_endpoint("hook")
+            .unwrap()
+            .endpoints
+            .contains_key("hook"));
     }
 }

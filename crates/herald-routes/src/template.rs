@@ -178,12 +178,21 @@ mod tests {
 
     #[test]
     fn fills_channel_and_room_fields() {
-        assert_eq!(fill("a.{channel}", &Vars::channel("x")).as_deref(), Some("a.x"));
+        assert_eq!(
+            fill("a.{channel}", &Vars::channel("x")).as_deref(),
+            Some("a.x")
+        );
         let room = json!({"target": "orders", "id": 7});
         let vars = Vars::room(&room);
-        assert_eq!(fill("o.{target}.{id}", &vars).as_deref(), Some("o.orders.7"));
+        assert_eq!(
+            fill("o.{target}.{id}", &vars).as_deref(),
+            Some("o.orders.7")
+        );
         assert_eq!(fill("o.{missing}", &vars), None);
-        assert_eq!(fill("no {} {a b} braces", &vars).as_deref(), Some("no {} {a b} braces"));
+        assert_eq!(
+            fill("no {} {a b} braces", &vars).as_deref(),
+            Some("no {} {a b} braces")
+        );
     }
 
     #[test]
@@ -192,7 +201,11 @@ mod tests {
         let dest = json!({"id": "{id}", "label": "t-{t}", "fixed": true});
         let filled = fill_room(&dest, &Vars::room(&src), &src).unwrap();
         assert_eq!(filled, json!({"id": 7, "label": "t-x", "fixed": true}));
-        let from_channel = fill_room(&json!({"c": "{channel}"}), &Vars::channel("ch"), &Value::Null);
+        let from_channel = fill_room(
+            &json!({"c": "{channel}"}),
+            &Vars::channel("ch"),
+            &Value::Null,
+        );
         assert_eq!(from_channel.unwrap(), json!({"c": "ch"}));
     }
 

@@ -82,6 +82,44 @@ enum CtlCommand {
     /// The registry's raft group: status and membership changes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// The bridges' route table, held by the registry: every edge follows it.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCommand {
+    /// Endpoints, routes, and which edge consumes each external source.
+    List,
+    /// Add or replace an endpoint, given as JSON (`{"kind": "redis", "url": ..., "channel": ...}`; the same
+    /// fields as under `endpoints:` in herald.yaml).
+    PutEndpoint {
+        /// The endpoint's name.
+        name: String,
+        /// Its definition, as JSON.
+        definition: String,
+    },
+    /// Remove an endpoint no route uses.
+    DeleteEndpoint {
+        /// The endpoint's name.
+        name: String,
+    },
+    /// Add or replace a route from one endpoint to others.
+    Add {
+        /// The route's name.
+        name: String,
+        /// The source endpoint.
+        #[arg(long)]
+        from: String,
+        /// The destination endpoints.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
+    },
+    /// Remove a route.
+    Remove {
+        /// The route's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +173,14 @@ impl Failure {
     }
 }
 
+/// The registry's reason for refusing a change, without the transport's wrapping.
+fn refusal(e: &ClientError) -> String {
+    match e {
+        ClientError::Status(status) => status.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
 /// Runs `herald ctl ...` to completion.
 pub(crate) fn run(args: CtlArgs) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -169,6 +215,7 @@ async fn execute(args: &CtlArgs) -> Result<(), Failure> {
         CtlCommand::Cluster(ClusterCommand::Remove { node_id, force }) => {
             ctl.remove(*node_id, *force).await
         }
+        CtlCommand::Routes(command) => ctl.routes(command).await,
     }
 }
 
@@ -217,11 +264,128 @@ impl Ctl {
                 code: EXIT_UNAVAILABLE,
                 message: format!("no registry member reachable (tried {tried}): {e}"),
             },
-            Code::InvalidArgument => Failure::usage(e.to_string()),
+            Code::InvalidArgument | Code::FailedPrecondition => Failure::usage(refusal(&e)),
             _ => Failure {
                 code: EXIT_SOFTWARE,
                 message: e.to_string(),
             },
+        }
+    }
+
+    /// `herald ctl routes ...`. Definitions are checked here first (the same checks the registry applies), so a
+    /// typo is refused with the reason before anything is sent; the registry checks the whole table again.
+    async fn routes(&self, command: &RoutesCommand) -> Result<(), Failure> {
+        let failure = |e: ClientError| self.failure(e);
+        match command {
+            RoutesCommand::List => {
+                let reply = self.client.list_routes().await.map_err(failure)?;
+                let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+                let owners: serde_json::Map<String, Value> = reply
+                    .sources
+                    .iter()
+                    .map(|s| (s.route.clone(), Value::from(s.edge.clone())))
+                    .collect();
+                let doc = json!({
+                    "revision": reply.revision,
+                    "endpoints": reply.endpoints.iter().map(|e| (e.name.clone(), parse(&e.endpoint_json))).collect::<serde_json::Map<_, _>>(),
+                    "routes": reply.routes.iter().map(|r| (r.name.clone(), parse(&r.route_json))).collect::<serde_json::Map<_, _>>(),
+                    "sources": owners,
+                });
+                match self.output {
+                    Output::Json => println!("{doc:#}"),
+                    Output::Text => {
+                        let mut out = String::new();
+                        let _ = writeln!(out, "ENDPOINT\tKIND\tDEFINITION");
+                        for e in &reply.endpoints {
+                            let def = parse(&e.endpoint_json);
+                            let _ = writeln!(
+                                out,
+                                "{}\t{}\t{}",
+                                e.name,
+                                def["kind"].as_str().unwrap_or("?"),
+                                def
+                            );
+                        }
+                        let _ = writeln!(out, "\nROUTE\tFROM\tTO\tCONSUMED BY");
+                        for r in &reply.routes {
+                            let def = parse(&r.route_json);
+                            let to: Vec<&str> = def["to"]
+                                .as_array()
+                                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                                .unwrap_or_default();
+                            let owner = owners.get(&r.name).and_then(Value::as_str).unwrap_or("-");
+                            let _ = writeln!(
+                                out,
+                                "{}\t{}\t{}\t{owner}",
+                                r.name,
+                                def["from"].as_str().unwrap_or("?"),
+                                to.join(",")
+                            );
+                        }
+                        print!("{out}");
+                    }
+                }
+                Ok(())
+            }
+            RoutesCommand::PutEndpoint { name, definition } => {
+                herald_routes::validate_name("endpoint", name)
+                    .map_err(|e| Failure::usage(e.to_string()))?;
+                let endpoint: herald_routes::Endpoint = serde_json::from_str(definition)
+                    .map_err(|e| Failure::usage(format!("endpoint {name:?}: {e}")))?;
+                endpoint
+                    .validate()
+                    .map_err(|e| Failure::usage(format!("endpoint {name:?}: {e}")))?;
+                let json = serde_json::to_string(&endpoint).expect("endpoints serialize");
+                let revision = self
+                    .client
+                    .put_endpoint(name, &json)
+                    .await
+                    .map_err(failure)?;
+                self.report(
+                    json!({"action": "put-endpoint", "name": name, "revision": revision}),
+                    format!("endpoint {name} stored (revision {revision}).\n"),
+                );
+                Ok(())
+            }
+            RoutesCommand::DeleteEndpoint { name } => {
+                let existed = self.client.delete_endpoint(name).await.map_err(failure)?;
+                self.report(
+                    json!({"action": "delete-endpoint", "name": name, "existed": existed}),
+                    if existed {
+                        format!("endpoint {name} removed.\n")
+                    } else {
+                        format!("no endpoint {name}.\n")
+                    },
+                );
+                Ok(())
+            }
+            RoutesCommand::Add { name, from, to } => {
+                herald_routes::validate_name("route", name)
+                    .map_err(|e| Failure::usage(e.to_string()))?;
+                let route = herald_routes::Route {
+                    from: from.clone(),
+                    to: to.clone(),
+                };
+                let json = serde_json::to_string(&route).expect("routes serialize");
+                let revision = self.client.put_route(name, &json).await.map_err(failure)?;
+                self.report(
+                    json!({"action": "add-route", "name": name, "from": from, "to": to, "revision": revision}),
+                    format!("route {name}: {from} -> {} stored (revision {revision}).\n", to.join(", ")),
+                );
+                Ok(())
+            }
+            RoutesCommand::Remove { name } => {
+                let existed = self.client.delete_route(name).await.map_err(failure)?;
+                self.report(
+                    json!({"action": "remove-route", "name": name, "existed": existed}),
+                    if existed {
+                        format!("route {name} removed.\n")
+                    } else {
+                        format!("no route {name}.\n")
+                    },
+                );
+                Ok(())
+            }
         }
     }
 

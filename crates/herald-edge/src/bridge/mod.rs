@@ -241,12 +241,6 @@ impl Bridges {
             .clone()
     }
 
-    /// Route `route`'s counters (tests).
-    #[cfg(test)]
-    pub(crate) fn route_counters(&self, route: &str) -> Arc<RouteCounters> {
-        self.counters(route)
-    }
-
     /// Runs `table`: routes whose definition changed get new destination workers (their sources restart on the
     /// runner's next pass); removed routes stop.
     pub(crate) fn install(&self, table: &RouteTable) {
@@ -539,7 +533,11 @@ impl Bridges {
         }
         let _ = writeln!(out, "# HELP herald_bridge_messages_in_total Messages a route took from its source.\n# TYPE herald_bridge_messages_in_total counter");
         for (route, c) in counters.iter() {
-            let _ = writeln!(out, "herald_bridge_messages_in_total{{route=\"{route}\"}} {}", c.messages_in.get());
+            let _ = writeln!(
+                out,
+                "herald_bridge_messages_in_total{{route=\"{route}\"}} {}",
+                c.messages_in.get()
+            );
         }
         let _ = writeln!(out, "# HELP herald_bridge_messages_out_total Messages a route delivered to a destination.\n# TYPE herald_bridge_messages_out_total counter");
         for (route, c) in counters.iter() {
@@ -550,18 +548,31 @@ impl Bridges {
         let _ = writeln!(out, "# HELP herald_bridge_messages_failed_total Messages a route could not carry, by reason.\n# TYPE herald_bridge_messages_failed_total counter");
         for (route, c) in counters.iter() {
             for failure in Failure::ALL {
-                let _ = writeln!(out, "herald_bridge_messages_failed_total{{route=\"{route}\",reason=\"{}\"}} {}", failure.label(), c.failed(failure));
+                let _ = writeln!(
+                    out,
+                    "herald_bridge_messages_failed_total{{route=\"{route}\",reason=\"{}\"}} {}",
+                    failure.label(),
+                    c.failed(failure)
+                );
             }
         }
         drop(counters);
         let statuses = self.supervisor.statuses();
         let _ = writeln!(out, "# HELP herald_bridge_task_up Whether a supervised bridge task (a source consumer, or a route's destination worker) runs on this node.\n# TYPE herald_bridge_task_up gauge");
         for (task, status) in &statuses {
-            let _ = writeln!(out, "herald_bridge_task_up{{task=\"{task}\"}} {}", u8::from(status.up));
+            let _ = writeln!(
+                out,
+                "herald_bridge_task_up{{task=\"{task}\"}} {}",
+                u8::from(status.up)
+            );
         }
         let _ = writeln!(out, "# HELP herald_bridge_task_restarts_total Restarts of a supervised bridge task after a failure.\n# TYPE herald_bridge_task_restarts_total counter");
         for (task, status) in &statuses {
-            let _ = writeln!(out, "herald_bridge_task_restarts_total{{task=\"{task}\"}} {}", status.restarts);
+            let _ = writeln!(
+                out,
+                "herald_bridge_task_restarts_total{{task=\"{task}\"}} {}",
+                status.restarts
+            );
         }
     }
 }
@@ -803,7 +814,10 @@ where
     loop {
         match put().await {
             Ok(_) => return,
-            Err(e) if e.code() == tonic::Code::InvalidArgument || e.code() == tonic::Code::FailedPrecondition => {
+            Err(e)
+                if e.code() == tonic::Code::InvalidArgument
+                    || e.code() == tonic::Code::FailedPrecondition =>
+            {
                 tracing::error!(what, name, cause = %e, "the registry refused this node's configured {what}");
                 return;
             }

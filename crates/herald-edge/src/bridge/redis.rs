@@ -68,15 +68,13 @@ impl RedisSink {
     /// Connects.
     pub(crate) async fn connect(spec: &RedisSpec) -> Result<RedisSink, String> {
         let client = client(spec)?;
-        match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            client.get_multiplexed_async_connection(),
-        )
-        .await
+        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection()).await
         {
             Ok(Ok(connection)) => Ok(RedisSink { connection }),
             Ok(Err(e)) => Err(format!("redis connect: {e}")),
-            Err(_) => Err(format!("redis connect: no answer within {CONNECT_TIMEOUT:?}")),
+            Err(_) => Err(format!(
+                "redis connect: no answer within {CONNECT_TIMEOUT:?}"
+            )),
         }
     }
 
@@ -88,7 +86,9 @@ impl RedisSink {
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
             Ok(Ok(_receivers)) => Ok(()),
             Ok(Err(e)) => Err(format!("redis publish: {e}")),
-            Err(_) => Err(format!("redis publish: no answer within {PUBLISH_TIMEOUT:?}")),
+            Err(_) => Err(format!(
+                "redis publish: no answer within {PUBLISH_TIMEOUT:?}"
+            )),
         }
     }
 }

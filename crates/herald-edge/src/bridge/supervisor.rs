@@ -173,7 +173,11 @@ mod tests {
         );
         supervisor.stop("flaky");
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(runs.load(Ordering::SeqCst), 3, "a stopped task is not restarted");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            3,
+            "a stopped task is not restarted"
+        );
         assert!(supervisor.statuses().is_empty());
     }
 }

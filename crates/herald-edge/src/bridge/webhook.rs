@@ -48,7 +48,8 @@ impl WebhookSink {
             .iter()
             .map(|(name, value)| {
                 Ok((
-                    HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name}: {e}"))?,
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|e| format!("header {name}: {e}"))?,
                     HeaderValue::from_str(value).map_err(|e| format!("header {name}: {e}"))?,
                 ))
             })

@@ -533,8 +533,19 @@ async fn installing_a_snapshot_replaces_the_state_and_tells_watchers_the_differe
         normal(1, 3, register("b")),
         normal(1, 4, interest("a", &["r1", "r2"], &[])),
         normal(1, 5, interest("b", &["r1"], &[])),
-        normal(1, 6, endpoint("in", json!({"kind": "redis", "url": "redis://h:1/", "channel": "c"}))),
-        normal(1, 7, endpoint("out", json!({"kind": "room", "room": {"c": "1"}}))),
+        normal(
+            1,
+            6,
+            endpoint(
+                "in",
+                json!({"kind": "redis", "url": "redis://h:1/", "channel": "c"}),
+            ),
+        ),
+        normal(
+            1,
+            7,
+            endpoint("out", json!({"kind": "room", "room": {"c": "1"}})),
+        ),
         normal(
             1,
             8,
