@@ -266,7 +266,10 @@ fn rooms_of(edge: &str) -> Vec<String> {
 
 /// Change `n` of an edge: pass `n / ROOMS_PER_EDGE` over its rooms adds them when even, removes them when odd.
 fn change(rooms: &[String], n: usize) -> (bool, &String) {
-    ((n / ROOMS_PER_EDGE).is_multiple_of(2), &rooms[n % ROOMS_PER_EDGE])
+    (
+        (n / ROOMS_PER_EDGE).is_multiple_of(2),
+        &rooms[n % ROOMS_PER_EDGE],
+    )
 }
 
 async fn run_saturating_edge(
