@@ -482,6 +482,64 @@ async fn herald_js_reports_refusals_and_delivers_to_its_callback() {
     drop(chromium);
 }
 
+#[tokio::test]
+async fn herald_js_rpc_round_trips_through_a_real_backend() {
+    let backend = Backend::start(BackendAnswer::ok(json!({"sum": 3}))).await;
+    let rpc_url = format!("http://{}/api/rpc/", backend.addr);
+    let server = start_server(&[("rpc.url", &rpc_url)]).await;
+    let mut chromium = Chromium::launch();
+    let port = chromium.devtools_port().await;
+    let mut page = Page::attach(port).await;
+    page.call(
+        "Page.navigate",
+        json!({"url": format!("http://{}/", server.http)}),
+    )
+    .await
+    .expect("Page.navigate");
+    page.wait_for("typeof Herald", |v| v == "function")
+        .await
+        .unwrap();
+
+    let answers = page
+        .evaluate(
+            r#"(async () => {
+                const api = new Herald({pingInterval: 0});
+                const early = await api.rpc("add", {}).then(() => "resolved", e => e.message);
+                api.connect();
+                await new Promise(r => api.on("authorized", r));
+                const ok = await api.rpc("add", {a: 1, b: 2});
+                const bad = await api.rpc("no/such", 1).then(() => "resolved", e => e.message);
+                return [early, ok, bad];
+            })()"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(answers, json!(["not-connected", {"sum": 3}, "invalid-method"]));
+    let (path, _) = backend.last_request();
+    assert_eq!(path, "/api/rpc/add");
+
+    // The backend's HTTP error reaches the caller with its status.
+    backend.set(BackendAnswer {
+        status: 503,
+        body: "{}".into(),
+        delay: Duration::ZERO,
+    });
+    let failed = page
+        .evaluate(
+            r#"(async () => {
+                const api = new Herald({pingInterval: 0});
+                api.connect();
+                await new Promise(r => api.on("authorized", r));
+                return await api.rpc("add", 1).then(() => null, e => [e.message, e.status]);
+            })()"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed, json!(["rpc-failed", 503]));
+    assert!(page.problems.is_empty(), "page errors: {:?}", page.problems);
+    drop(chromium);
+}
+
 /// Fetches `path` from the server and returns the content type and the body.
 async fn get(server: &TestServer, path: &str) -> (String, String) {
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())

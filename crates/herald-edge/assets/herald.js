@@ -7,6 +7,9 @@
  *   var sub = herald.subscribe({chat: "lobby"}, function (data, sub) { ... });
  *   sub.ready.then(function () { ... }, function (err) { ... });   // err.message is the server's code
  *   herald.connect();
+ *   herald.rpc("add", {a: 1, b: 2}).then(function (answer) { ... }, function (err) { ... });
+ *   // err.message: rpc-timeout, rpc-failed (err.status: the backend's HTTP status), method-not-allowed,
+ *   // rpc-busy, not-connected or disconnected
  *
  * Events: open, authorized(allowedRooms), unauthorized, subscribed(sub), publish(data, sub), message(data),
  * error(frame), close(code, reason), reconnecting(attempt, delayMs).
@@ -45,6 +48,7 @@
     this.allowedRooms = null;
     this._ws = null;
     this._subs = {};          // requestId -> subscription, in subscribe order
+    this._calls = {};         // requestId -> pending rpc call
     this._listeners = {};
     this._nextId = 0;
     // A per-instance prefix keeps request ids distinct from the connection id the server echoes on errors it
@@ -92,6 +96,8 @@
       self.authorized = false;
       clearInterval(self._pingTimer);
       self._forEachSub(function (sub) { sub.active = false; });
+      // An answer can only arrive on the socket that carried the call: calls in flight have failed.
+      self._failCalls("disconnected");
       self._emit("close", event.code, event.reason);
       if (!self._stopped) self._scheduleReconnect(event.code);
     };
@@ -126,6 +132,10 @@
     var msg;
     try { msg = JSON.parse(text); } catch (e) { return; }
     if (!msg || typeof msg !== "object") return;
+    // Answers to calls: rpc frames, and the plain error frame for a call the server could not parse (a bad
+    // method name), which carries the call's requestId.
+    var isCall = msg.requestId != null && this._calls[String(msg.requestId)];
+    if (msg.type === "rpc" || (isCall && msg.code === "error")) { this._onRpcAnswer(msg); return; }
     var sub = msg.requestId != null ? this._subs[String(msg.requestId)] : undefined;
 
     if ("is_authorized" in msg) {
@@ -211,6 +221,57 @@
     sub.active = false;
     sub._reject(new Error("unsubscribed"));   // no-op if it already settled
     if (this.authorized) this._send(JSON.stringify({type: "unsubscribe", requestId: sub.requestId}));
+  };
+
+  /*
+   * Calls `method` on the backend through the server (herald's client RPC): resolves with the backend's answer,
+   * rejects with an Error whose message is the server's code. Calls are not queued while disconnected or
+   * resent after a reconnect (the backend may already have acted on them): they fail, and the caller decides.
+   */
+  Herald.prototype.rpc = function (method, data, options) {
+    var self = this;
+    options = options || {};
+    var requestId = this._prefix + "rpc-" + (++this._nextId);
+    return new Promise(function (resolve, reject) {
+      if (!self.authorized) { reject(new Error("not-connected")); return; }
+      var call = {resolve: resolve, reject: reject, timer: null};
+      // A client-side deadline as well as the server's rpc.timeout-ms, in case the socket silently dies.
+      var timeout = options.timeout != null ? options.timeout : 30000;
+      if (timeout > 0) {
+        call.timer = setTimeout(function () {
+          delete self._calls[requestId];
+          reject(new Error("rpc-timeout"));
+        }, timeout);
+      }
+      self._calls[requestId] = call;
+      self._send(JSON.stringify({
+        type: "rpc", method: method, data: data === undefined ? null : data, requestId: requestId
+      }));
+    });
+  };
+
+  Herald.prototype._onRpcAnswer = function (msg) {
+    var id = String(msg.requestId);
+    var call = this._calls[id];
+    if (!call) return;   // answered after our own timeout
+    delete this._calls[id];
+    clearTimeout(call.timer);
+    if (msg.code === "success") {
+      call.resolve(msg.data);
+    } else {
+      var err = new Error(msg.message);
+      if (msg.status != null) err.status = msg.status;
+      call.reject(err);
+    }
+  };
+
+  Herald.prototype._failCalls = function (reason) {
+    var calls = this._calls;
+    this._calls = {};
+    Object.keys(calls).forEach(function (id) {
+      clearTimeout(calls[id].timer);
+      calls[id].reject(new Error(reason));
+    });
   };
 
   Herald.prototype.subscriptions = function () {
