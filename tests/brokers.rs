@@ -168,3 +168,228 @@ fn node_processes(needle: &str) -> bool {
         })
     })
 }
+
+// ---- herald's AMQP endpoint against a real broker (one node shared by these tests) ----
+
+use herald_edge::bridge::amqp::{
+    AmqpDelivery, AmqpEndpoint, AmqpError, AmqpSink, AmqpSource, ExchangeKind as Kind,
+};
+
+async fn plain_channel(rabbit: &RabbitServer) -> (Connection, lapin::Channel) {
+    let connection = Connection::connect(&rabbit.amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
+async fn next_delivery(source: &mut AmqpSource) -> AmqpDelivery {
+    tokio::time::timeout(STEP, source.next())
+        .await
+        .expect("a delivery in time")
+        .expect("the source works")
+        .expect("the consumer is running")
+}
+
+fn topic_endpoint(rabbit: &RabbitServer, exchange: &str) -> AmqpEndpoint {
+    AmqpEndpoint {
+        url: rabbit.amqp_url(),
+        exchange: exchange.to_owned(),
+        exchange_kind: Kind::Topic,
+        routing_key: "#".to_owned(),
+        queue: None,
+        durable: true,
+        prefetch: 16,
+    }
+}
+
+#[tokio::test]
+async fn the_hightemplar_preset_consumes_what_django_binder_publishes() {
+    let rabbit = RabbitServer::shared();
+    eprintln!("the shared RabbitMQ node started in {:?}", rabbit.startup());
+    let (_connection, channel) = plain_channel(rabbit).await;
+    // The exchange as High-templar 3.x left it on the broker: pika's `exchange_declare("hightemplar")` defaults.
+    channel
+        .exchange_declare(
+            "hightemplar".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let preset = AmqpEndpoint::hightemplar(rabbit.amqp_url());
+    let queue = preset.queue_name("django");
+    assert_eq!(queue, "herald.django");
+    let mut source = AmqpSource::connect(&preset, &queue)
+        .await
+        .expect("the preset declares the existing exchange with the same arguments");
+
+    // Exactly django-binder's `channel.basic_publish('hightemplar', routing_key='*', body=jsondumps(...))`: no
+    // properties, the default exchange type's literal key `*`.
+    let body =
+        br#"{"data": {"id": 7, "kind": "message"}, "rooms": [{"target": "message", "id": 7}]}"#;
+    channel
+        .basic_publish(
+            "hightemplar".into(),
+            "*".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    // Another key on the same direct exchange is not for us.
+    channel
+        .basic_publish(
+            "hightemplar".into(),
+            "other".into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+
+    let delivery = next_delivery(&mut source).await;
+    assert_eq!(delivery.payload(), body);
+    assert_eq!(delivery.routing_key(), "*");
+    assert_eq!(delivery.exchange(), "hightemplar");
+    assert!(!delivery.redelivered());
+    delivery.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), source.next())
+            .await
+            .is_err(),
+        "only the `*` message is delivered"
+    );
+}
+
+#[tokio::test]
+async fn declaring_an_existing_exchange_differently_fails_with_context() {
+    let rabbit = RabbitServer::shared();
+    let (_connection, channel) = plain_channel(rabbit).await;
+    channel
+        .exchange_declare(
+            "legacy-durable".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut endpoint = AmqpEndpoint::hightemplar(rabbit.amqp_url());
+    endpoint.exchange = "legacy-durable".to_owned();
+    let error = AmqpSource::connect(&endpoint, "herald.legacy")
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, AmqpError::Broker { .. }), "{message}");
+    assert!(message.contains("PRECONDITION_FAILED"), "{message}");
+    assert!(message.contains("\"legacy-durable\""), "{message}");
+    assert!(!message.contains("guest:guest"), "{message}");
+}
+
+#[tokio::test]
+async fn a_delivery_not_acked_is_redelivered_to_the_next_source() {
+    let rabbit = RabbitServer::shared();
+    let endpoint = topic_endpoint(rabbit, "at-least-once");
+    let queue = endpoint.queue_name("at-least-once");
+    let sink = AmqpSink::connect(&endpoint).await.unwrap();
+
+    let mut first = AmqpSource::connect(&endpoint, &queue).await.unwrap();
+    sink.publish("orders.created", br#"{"n":1}"#).await.unwrap();
+    let delivery = next_delivery(&mut first).await;
+    assert_eq!(delivery.payload(), br#"{"n":1}"#);
+    assert!(!delivery.redelivered());
+    // Handled halfway, then the source goes away (a crash, a lost lease): no ack.
+    drop(delivery);
+    drop(first);
+
+    let mut second = AmqpSource::connect(&endpoint, &queue).await.unwrap();
+    let again = next_delivery(&mut second).await;
+    assert_eq!(again.payload(), br#"{"n":1}"#);
+    assert_eq!(again.routing_key(), "orders.created");
+    assert!(again.redelivered());
+    again.ack().await.unwrap();
+
+    // A body that can never be handled is rejected, and does not come back.
+    sink.publish("orders.created", b"not json").await.unwrap();
+    let bad = next_delivery(&mut second).await;
+    assert_eq!(bad.payload(), b"not json");
+    bad.reject().await.unwrap();
+    drop(second);
+
+    // The queue kept nothing: the acked message and the rejected one are gone.
+    let mut third = AmqpSource::connect(&endpoint, &queue).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), third.next())
+            .await
+            .is_err(),
+        "nothing left to deliver"
+    );
+}
+
+#[tokio::test]
+async fn the_sink_publishes_with_confirms_to_a_plain_consumer() {
+    let rabbit = RabbitServer::shared();
+    let endpoint = topic_endpoint(rabbit, "sink-out");
+    let sink = AmqpSink::connect(&endpoint).await.unwrap();
+
+    let (_connection, channel) = plain_channel(rabbit).await;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            "sink-out".into(),
+            "orders.*".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // Unroutable (no binding matches) is still confirmed: nobody listening is not an error.
+    sink.publish("invoices.paid", b"{}").await.unwrap();
+    sink.publish("orders.created", br#"{"id":1}"#)
+        .await
+        .unwrap();
+
+    let delivery = tokio::time::timeout(STEP, consumer.next())
+        .await
+        .expect("delivery in time")
+        .expect("a delivery")
+        .unwrap();
+    assert_eq!(delivery.data, br#"{"id":1}"#);
+    assert_eq!(delivery.routing_key.as_str(), "orders.created");
+    assert_eq!(delivery.exchange.as_str(), "sink-out");
+    assert_eq!(
+        delivery.properties.delivery_mode(),
+        &Some(2),
+        "a durable endpoint publishes persistent messages"
+    );
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+}

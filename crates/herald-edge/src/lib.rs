@@ -18,7 +18,7 @@
 //! - [`metrics`]: Prometheus counters.
 
 pub mod auth;
-mod bridge;
+pub mod bridge;
 pub mod cluster_view;
 pub mod config;
 pub mod grpc;

@@ -22,6 +22,7 @@
 //! Every source consumer and destination worker runs under the [`supervisor`]: a failure restarts it with
 //! backoff and never takes the node down.
 
+pub mod amqp;
 pub(crate) mod redis;
 pub(crate) mod supervisor;
 pub(crate) mod webhook;
@@ -386,11 +387,19 @@ impl Bridges {
     }
 
     /// Hands a payload that arrived on `channel` from route `route`'s external source to its destinations.
-    fn on_source_message(&self, state: &State, route: &ActiveRoute, channel: &str, payload: &[u8]) {
+    /// Returns false when the payload was refused (too large, undecodable): an AMQP source rejects it rather than
+    /// acknowledging it.
+    fn on_source_message(
+        &self,
+        state: &State,
+        route: &ActiveRoute,
+        channel: &str,
+        payload: &[u8],
+    ) -> bool {
         if payload.len() > self.max_body_bytes {
             route.counters.fail(Failure::TooLarge);
             tracing::warn!(route = %route.name, bytes = payload.len(), "bridge message larger than limits.max-publish-body-bytes; skipped");
-            return;
+            return false;
         }
         let decoded = match route.source.marshal().decode(payload) {
             Ok(decoded) => decoded,
@@ -404,7 +413,7 @@ impl Bridges {
                     first_bytes = %String::from_utf8_lossy(&payload[..payload.len().min(LOGGED_PREFIX)]).escape_debug(),
                     "undecodable bridge message; skipped"
                 );
-                return;
+                return false;
             }
         };
         route.counters.messages_in.inc();
@@ -415,6 +424,7 @@ impl Bridges {
             traceparent: decoded.traceparent,
         };
         self.dispatch(state, route, &message);
+        true
     }
 
     fn dispatch(&self, state: &State, route: &ActiveRoute, message: &BridgeMessage) {
@@ -643,7 +653,22 @@ async fn send_loop(
                 }
             }
         }
-        Endpoint::Amqp(_) => Err("amqp destinations are not built in this version".into()),
+        Endpoint::Amqp(spec) => {
+            let sink = amqp::AmqpSink::connect(&amqp_endpoint(spec))
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                let Some(message) = next(rx, &stop).await else {
+                    return Ok(());
+                };
+                // Publisher confirms: Ok means the broker has the message.
+                if let Err(e) = sink.publish(&message.key, &message.payload).await {
+                    counters.fail(Failure::Send);
+                    return Err(e.to_string());
+                }
+                delivered.inc();
+            }
+        }
         Endpoint::Room(_) => Ok(()),
     }
 }
@@ -757,15 +782,72 @@ fn start_source(state: &Arc<State>, route: Arc<ActiveRoute>) {
                     redis::consume(spec, stop, |channel, payload| {
                         state
                             .bridges
-                            .on_source_message(&state, &route, channel, payload)
+                            .on_source_message(&state, &route, channel, payload);
                     })
                     .await
                 }
-                Endpoint::Amqp(_) => Err("amqp sources are not built in this version".into()),
+                Endpoint::Amqp(spec) => consume_amqp(&state, &route, spec, stop).await,
                 _ => Ok(()),
             }
         }) as TaskFuture
     });
+}
+
+/// The AMQP module's endpoint for a route table's `amqp` spec (preset and defaults applied).
+fn amqp_endpoint(spec: &herald_routes::AmqpSpec) -> amqp::AmqpEndpoint {
+    let resolved = spec.resolved();
+    amqp::AmqpEndpoint {
+        url: resolved.url,
+        exchange: resolved.exchange,
+        exchange_kind: match resolved.exchange_kind {
+            herald_routes::ExchangeKind::Direct => amqp::ExchangeKind::Direct,
+            herald_routes::ExchangeKind::Topic => amqp::ExchangeKind::Topic,
+            herald_routes::ExchangeKind::Fanout => amqp::ExchangeKind::Fanout,
+        },
+        routing_key: resolved.routing_key,
+        queue: resolved.queue,
+        durable: resolved.durable,
+        prefetch: resolved.prefetch,
+    }
+}
+
+/// One run of an AMQP source: at-least-once, so a delivery is acknowledged only after it was published into
+/// herald (and queued for the route's other destinations). One that cannot be decoded is rejected without
+/// requeue: redelivering it would fail the same way forever.
+async fn consume_amqp(
+    state: &Arc<State>,
+    route: &ActiveRoute,
+    spec: &herald_routes::AmqpSpec,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let endpoint = amqp_endpoint(spec);
+    let queue = endpoint.queue_name(&route.name);
+    let mut source = tokio::select! {
+        source = amqp::AmqpSource::connect(&endpoint, &queue) => source.map_err(|e| e.to_string())?,
+        _ = stop.cancelled() => return Ok(()),
+    };
+    tracing::info!(route = %route.name, queue = %queue, "amqp source consuming");
+    loop {
+        let delivery = tokio::select! {
+            delivery = source.next() => delivery.map_err(|e| e.to_string())?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let Some(delivery) = delivery else {
+            return Err("the broker cancelled the consumer".into());
+        };
+        let accepted = state.bridges.on_source_message(
+            state,
+            route,
+            delivery.routing_key(),
+            delivery.payload(),
+        );
+        let settled = if accepted {
+            delivery.ack().await
+        } else {
+            delivery.reject().await
+        };
+        settled.map_err(|e| e.to_string())?;
+    }
 }
 
 async fn claim(handle: RegistryHandle, route: String) {
