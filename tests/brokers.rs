@@ -143,10 +143,42 @@ async fn rabbit_fixture_round_trips_publish_consume_and_stops() {
     delivery.ack(BasicAckOptions::default()).await.unwrap();
     connection.close(200, "OK".into()).await.unwrap();
 
+    // This node is about to go, so herald's endpoint can show here that it fails promptly when its broker dies,
+    // instead of waiting forever: the supervisor restarts it.
+    let endpoint = AmqpEndpoint {
+        url: rabbit.amqp_url(),
+        exchange: "doomed".to_owned(),
+        exchange_kind: Kind::Fanout,
+        routing_key: String::new(),
+        queue: None,
+        durable: true,
+        prefetch: 1,
+    };
+    let mut source = AmqpSource::connect(&endpoint, "herald.doomed")
+        .await
+        .unwrap();
+    let sink = AmqpSink::connect(&endpoint).await.unwrap();
+    sink.publish("", b"last").await.unwrap();
+    let unacked = next_delivery(&mut source).await;
+
     let (pids, ports, dir) = (rabbit.pids(), rabbit.ports(), rabbit.dir().to_owned());
     let node = rabbit.node().to_owned();
     drop(rabbit);
     assert!(!any_alive(&pids), "processes still running: {pids:?}");
+    let ended = tokio::time::timeout(STEP, source.next())
+        .await
+        .expect("the source notices the broker is gone");
+    assert!(ended.is_err(), "{ended:?}");
+    assert!(matches!(source.next().await, Ok(None)), "and stays ended");
+    let error = tokio::time::timeout(STEP, sink.publish("", b"lost"))
+        .await
+        .expect("the publish fails in time")
+        .unwrap_err();
+    eprintln!("publishing to a dead broker: {error}");
+    assert!(tokio::time::timeout(STEP, unacked.ack())
+        .await
+        .expect("the ack fails in time")
+        .is_err());
     for port in ports {
         eventually(&format!("port {port} is closed"), || !port_open(port)).await;
     }
@@ -332,6 +364,28 @@ async fn a_delivery_not_acked_is_redelivered_to_the_next_source() {
             .is_err(),
         "nothing left to deliver"
     );
+}
+
+#[tokio::test]
+async fn a_source_whose_queue_is_deleted_ends_cleanly() {
+    let rabbit = RabbitServer::shared();
+    let endpoint = topic_endpoint(rabbit, "cancelled");
+    let mut source = AmqpSource::connect(&endpoint, "herald.cancelled")
+        .await
+        .unwrap();
+    let (_connection, channel) = plain_channel(rabbit).await;
+    channel
+        .queue_delete(
+            "herald.cancelled".into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    // The broker cancels the consumer (basic.cancel): the source ends without an error.
+    let ended = tokio::time::timeout(STEP, source.next())
+        .await
+        .expect("the source ends in time");
+    assert!(matches!(ended, Ok(None)), "{ended:?}");
 }
 
 #[tokio::test]

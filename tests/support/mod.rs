@@ -1,5 +1,6 @@
 //! Shared helpers for herald's integration tests: real edges (in-process on `127.0.0.1:0`, or the real binary as a
-//! child process), a real WebSocket client, real HTTP backends, and an HTTP client for the publish APIs.
+//! child process), a real WebSocket client, real HTTP backends, an HTTP client for the publish APIs, and private
+//! Redis and RabbitMQ brokers ([`brokers`]).
 #![allow(dead_code, missing_docs, unreachable_pub)]
 
 pub mod brokers;
