@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use herald_routes::{Endpoint, Route};
-use support::brokers::RedisServer;
+use support::brokers::{RabbitServer, RedisServer};
 use support::procs::{free_port, Dir, Proc, HERALD};
 use support::*;
 
@@ -362,6 +362,117 @@ async fn a_webhook_that_keeps_failing_is_a_dead_letter_and_the_next_message_goes
             .await,
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_django_app_publishing_to_high_templars_exchange_reaches_herald_subscribers() {
+    use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+
+    let rabbit = RabbitServer::shared();
+    let webhook = hook(0).await;
+    let edge = edge_with_routes(
+        vec![
+            (
+                "django",
+                json!({"kind": "amqp", "url": rabbit.amqp_url(), "preset": "hightemplar"}),
+            ),
+            ("named-rooms", json!({"kind": "room"})),
+            (
+                "messages",
+                json!({"kind": "room", "room": {"target": "message", "id": "*"}}),
+            ),
+            ("backend", json!({"kind": "webhook", "url": webhook.url})),
+        ],
+        vec![
+            ("django", route("django", &["named-rooms"])),
+            ("audit", route("messages", &["backend"])),
+        ],
+    )
+    .await;
+    let mut client = edge.client().await;
+    client
+        .subscribe(json!(9), json!({"target": "message", "id": 7}))
+        .await;
+
+    // django-binder's side, unchanged: the exchange as High-templar declared it, routing key `*`, body
+    // {"rooms": [...], "data": ...}, no properties.
+    let connection = Connection::connect(&rabbit.amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .exchange_declare(
+            "hightemplar".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let publish = |n: u64, body: String| {
+        let channel = channel.clone();
+        async move {
+            channel
+                .basic_publish(
+                    "hightemplar".into(),
+                    "*".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let body =
+        |n: u64| json!({"rooms": [{"target": "message", "id": 7}], "data": {"n": n}}).to_string();
+    // Messages published before herald's queue is bound go nowhere: publish until the first arrives.
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        publish(n, body(n)).await;
+        n += 1;
+        if let Ok(Ok(text)) =
+            tokio::time::timeout(Duration::from_millis(200), client.next_text()).await
+        {
+            break serde_json::from_str::<Value>(&text).unwrap();
+        }
+        assert!(Instant::now() < deadline, "nothing arrived from RabbitMQ");
+    };
+    assert_eq!(first["requestId"], 9);
+    let start = first["data"]["n"].as_u64().unwrap();
+    // An undecodable body is rejected (not requeued forever) and the ones behind it still arrive.
+    publish(0, "{not json".into()).await;
+    for i in n..n + 20 {
+        publish(i, body(i)).await;
+    }
+    let mut seen = vec![start];
+    seen.extend(
+        drain(&mut client, Duration::from_millis(500))
+            .await
+            .iter()
+            .map(|d| d["n"].as_u64().unwrap()),
+    );
+    let expected: Vec<u64> = (start..n + 20).collect();
+    assert_eq!(seen, expected, "every message once, in order");
+    assert_eq!(
+        edge.metric("herald_bridge_messages_failed_total{route=\"django\",reason=\"decode\"}")
+            .await,
+        1.0
+    );
+    // What came in from RabbitMQ is an ordinary publish: the room -> webhook route saw it too.
+    let deadline = Instant::now() + STEP;
+    while webhook.bodies.lock().unwrap().len() < expected.len() {
+        assert!(
+            Instant::now() < deadline,
+            "webhook saw {}",
+            webhook.bodies.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[test]

@@ -514,7 +514,10 @@ async fn herald_js_rpc_round_trips_through_a_real_backend() {
         )
         .await
         .unwrap();
-    assert_eq!(answers, json!(["not-connected", {"sum": 3}, "invalid-method"]));
+    assert_eq!(
+        answers,
+        json!(["not-connected", {"sum": 3}, "invalid-method"])
+    );
     let (path, _) = backend.last_request();
     assert_eq!(path, "/api/rpc/add");
 

@@ -94,7 +94,8 @@ pub struct AmqpSpec {
     /// The exchange type (default `topic`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exchange_kind: Option<ExchangeKind>,
-    /// Whether the exchange and the queue survive a broker restart (default true).
+    /// Whether the exchange is declared durable and a destination publishes persistent messages (default true).
+    /// A source's queue is always durable: at-least-once needs it to outlive connections and broker restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durable: Option<bool>,
     /// As a source, the binding key; as a destination, the routing key, with placeholders filled from the room
