@@ -513,6 +513,7 @@ fn bad_route_tables_are_refused_at_load_with_the_reason() {
 // === the cluster: one consumer per source, handover, routes changed at run time ===
 
 const SECRET: &str = "bridges-test-secret-0123456789";
+const ADMIN_TOKEN: &str = "bridges-admin-token";
 
 struct BridgeCluster {
     _registry: Proc,
@@ -564,6 +565,8 @@ fn start_cluster(edges: usize, yaml: &str) -> BridgeCluster {
                 format!("cluster.edge-id={id}"),
                 "--set".into(),
                 "cluster.lease-ttl-ms=1500".into(),
+                "--set".into(),
+                format!("admin.token={ADMIN_TOKEN}"),
                 "--set".into(),
                 format!("auth.api-keys={API_KEY}"),
             ]);
@@ -823,4 +826,80 @@ async fn routes_changed_at_run_time_with_ctl_reach_every_edge() {
         out.try_recv().is_err(),
         "a removed route still carried messages"
     );
+}
+
+#[tokio::test]
+async fn ctl_status_shows_each_bridge_task_and_who_consumes_each_source() {
+    let broker = RedisServer::start();
+    let yaml = format!(
+        "endpoints:\n  ticks:\n    kind: redis\n    url: {}\n    channel: ticks\n  tick-room:\n    kind: room\n    room: {{feed: ticks}}\n  down:\n    kind: redis\n    url: redis://127.0.0.1:1/\n    channel: out\n  any-feed:\n    kind: room\n    room: {{feed: \"*\"}}\nroutes:\n  ticks:\n    from: ticks\n    to: [tick-room]\n  broken:\n    from: any-feed\n    to: [down]\n",
+        broker.url()
+    );
+    let cluster = start_cluster(1, &yaml);
+    cluster.owner("ticks", None).await;
+    let admin = cluster.edges["edge-0"].field("admin");
+    let status = |token: Option<&str>, addr: &str| {
+        let mut command = std::process::Command::new(HERALD);
+        command
+            .env_remove("HERALD_ADMIN_TOKEN")
+            .args(["ctl", "--admin", addr, "--output", "json", "status"]);
+        if let Some(token) = token {
+            command.args(["--admin-token", token]);
+        }
+        command.output().unwrap()
+    };
+    // The broken destination (nothing listens on port 1) keeps failing and being restarted, without harm.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let doc = loop {
+        let out = status(Some(ADMIN_TOKEN), &admin);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let tasks = doc["bridges"]["tasks"].as_array().unwrap().clone();
+        let broken = tasks.iter().find(|t| t["task"] == "broken->down").cloned();
+        let source = tasks.iter().find(|t| t["task"] == "ticks<-source").cloned();
+        if let (Some(broken), Some(source)) = (broken, source) {
+            if broken["restarts"].as_u64().unwrap() >= 1 && source["up"] == true {
+                assert!(
+                    broken["last_error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("redis connect"),
+                    "{broken}"
+                );
+                break doc;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed the tasks: {doc}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(doc["edge_id"], "edge-0");
+    assert_eq!(doc["bridges"]["source_owners"], json!({"ticks": "edge-0"}));
+    let text = std::process::Command::new(HERALD)
+        .args([
+            "ctl",
+            "--admin",
+            &admin,
+            "--admin-token",
+            ADMIN_TOKEN,
+            "status",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("ticks<-source\tyes\t0\t-"), "{text}");
+
+    // Refusals: no token, a wrong one, and nobody listening.
+    assert_eq!(status(None, &admin).status.code(), Some(77));
+    let wrong = status(Some("nope"), &admin);
+    assert_eq!(wrong.status.code(), Some(77));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("admin token"));
+    let closed = format!("127.0.0.1:{}", free_port());
+    assert_eq!(status(Some(ADMIN_TOKEN), &closed).status.code(), Some(69));
 }

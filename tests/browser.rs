@@ -594,6 +594,7 @@ impl DevProcess {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
             .args(["dev", "--port", "0", "--grpc-port", "0"])
             .env("RUST_LOG", "warn")
+            .env("HERALD_ADMIN_PORT", "0")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -24,6 +24,7 @@ impl Herald {
         let mut child = Command::new(HERALD)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("HERALD_ADMIN_PORT", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -92,6 +93,7 @@ impl Drop for Herald {
 fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let output = Command::new(HERALD)
         .args(args)
+        .env("HERALD_ADMIN_PORT", "0")
         .envs(env.iter().copied())
         .output()
         .unwrap();

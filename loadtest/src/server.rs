@@ -262,6 +262,8 @@ pub(crate) fn spawn<S: AsRef<std::ffi::OsStr>>(
     let mut child = Command::new(bin)
         .args(args)
         .env_remove("RUST_LOG")
+        // herald nodes share this machine: each takes a free admin port.
+        .env("HERALD_ADMIN_PORT", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)

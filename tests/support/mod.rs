@@ -73,7 +73,11 @@ pub async fn start_with_config(config: Config) -> TestServer {
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(herald_edge::run(
         config,
-        herald_edge::Listeners { http, grpc },
+        herald_edge::Listeners {
+            http,
+            grpc,
+            admin: None,
+        },
         async move {
             let _ = rx.await;
         },

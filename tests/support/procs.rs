@@ -19,6 +19,8 @@ impl Proc {
         let mut child = Command::new(HERALD)
             .args(args)
             .env("RUST_LOG", "warn")
+            // Several nodes share this machine: each takes a free admin port (printed as `admin=`).
+            .env("HERALD_ADMIN_PORT", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -40,6 +40,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Client RPC to the backend.
     pub rpc: RpcConfig,
+    /// The admin API (`herald ctl status`): its own listener, loopback by default.
+    pub admin: AdminConfig,
     /// Bridge endpoints by name: rooms, Redis channels, AMQP exchanges, webhooks (see the README's "Routes and
     /// bridges"). Not settable from the environment: they are structured.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -63,6 +65,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             cluster: ClusterConfig::default(),
             rpc: RpcConfig::default(),
+            admin: AdminConfig::default(),
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
         }
@@ -110,6 +113,32 @@ impl ClusterConfig {
     /// Whether this edge is part of a cluster.
     pub fn enabled(&self) -> bool {
         !self.registry.is_empty()
+    }
+}
+
+/// The admin API's listener and credentials.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Whether the admin listener runs.
+    pub enabled: bool,
+    /// Address it binds: loopback by default, since it can see and change the node.
+    pub host: String,
+    /// Its port (0: any free port, printed on the `herald listening` line).
+    pub port: u16,
+    /// The token `herald ctl` presents (`Authorization: Bearer`). Empty: every request is refused, except in dev
+    /// mode where the (loopback) API is open.
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            port: 7073,
+            token: String::new(),
+        }
     }
 }
 
@@ -548,6 +577,10 @@ pub struct Setting {
 
 /// One line per setting for the reference table; a unit test keeps it complete.
 const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("admin.enabled", "Whether the admin API (`herald ctl status`) listens."),
+    ("admin.host", "Address the admin API binds; keep it on loopback or a private network."),
+    ("admin.port", "Port of the admin API (0: any free port)."),
+    ("admin.token", "Bearer token the admin API requires. Empty: it refuses everyone, except in dev mode where it is open."),
     ("auth.api-keys", "Keys backends present to the publish APIs (`Authorization: Bearer` or `X-API-Key`). Empty: the APIs refuse everyone, except in dev mode where they are open."),
     ("auth.api-url", "Backend API root for High-templar bootstrap (`GET {api-url}bootstrap/`); `http://` only."),
     ("auth.bootstrap-timeout-ms", "How long a bootstrap call may take before the connection is refused."),

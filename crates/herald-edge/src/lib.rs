@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`server`]: [`server::run`] serves the listeners until shutdown, then drains.
+//! - `admin`: the admin API (`herald ctl status`) on its own listener.
+//! - [`bridge`]: routes and bridges (Redis, AMQP, webhooks), supervised.
 //! - `http`: the HTTP routes (demo page, `/ws/`, `/trigger/`, `/api/v1/publish`, health, metrics).
 //! - `ws`: the upgrade checks and each connection's reader.
 //! - [`peer_queue`]: the bounded queue in front of each peer edge.
@@ -17,6 +19,7 @@
 //! - [`config`]: `herald.yaml`, `HERALD_*` and flags.
 //! - [`metrics`]: Prometheus counters.
 
+mod admin;
 pub mod auth;
 pub mod bridge;
 pub mod cluster_view;

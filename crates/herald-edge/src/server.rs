@@ -54,6 +54,7 @@ pub struct State {
     pub(crate) authorizer: Authorizer,
     pub(crate) api_keys: ApiKeys,
     pub(crate) online_since: String,
+    pub(crate) started: std::time::Instant,
     draining: AtomicBool,
     /// Cancelled when sockets should be sent 1001.
     pub(crate) going_away: CancellationToken,
@@ -106,6 +107,7 @@ impl State {
             authorizer,
             api_keys,
             online_since: rfc3339(SystemTime::now()),
+            started: std::time::Instant::now(),
             draining: AtomicBool::new(false),
             going_away: CancellationToken::new(),
             ws_tasks: TaskTracker::new(),
@@ -144,6 +146,8 @@ pub struct Listeners {
     pub http: TcpListener,
     /// gRPC publish API.
     pub grpc: TcpListener,
+    /// The admin API, when enabled.
+    pub admin: Option<TcpListener>,
 }
 
 /// How a drain ended.
@@ -212,6 +216,15 @@ pub async fn run_with_cluster(
 
     let stop_http = CancellationToken::new();
     let http = tokio::spawn(serve_http(state.clone(), listeners.http, stop_http.clone()));
+    // The admin API answers until the very end, so an operator can watch the drain.
+    let stop_admin = CancellationToken::new();
+    if let Some(admin) = listeners.admin {
+        tokio::spawn(crate::admin::serve(
+            state.clone(),
+            admin,
+            stop_admin.clone(),
+        ));
+    }
 
     let stop_grpc = CancellationToken::new();
     let grpc_service = PublisherServer::new(PublisherService::new(state.clone()))
@@ -274,6 +287,7 @@ pub async fn run_with_cluster(
     if let Some(peer) = peer {
         peer.stop().await;
     }
+    stop_admin.cancel();
     tracing::info!(connections_at_start, cut_by_deadline, "drained");
     Ok(DrainReport {
         connections_at_start,

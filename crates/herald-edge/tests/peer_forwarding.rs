@@ -89,7 +89,11 @@ async fn start_edge(id: &str, overrides: &[(&str, &str)], links: PeerLinkConfig)
     let (tx, rx) = oneshot::channel::<()>();
     let running = tokio::spawn(herald_edge::run_with_cluster(
         config,
-        Listeners { http, grpc },
+        Listeners {
+            http,
+            grpc,
+            admin: None,
+        },
         Some(ClusterNode {
             cluster: cluster.clone(),
             peer,

@@ -62,6 +62,23 @@ pub(crate) struct CtlArgs {
         hide_env_values = true
     )]
     cluster_secret: Option<String>,
+    /// A node's admin API (`herald ctl status`).
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_CTL_ADMIN",
+        default_value = "127.0.0.1:7073",
+        value_name = "HOST:PORT"
+    )]
+    admin: String,
+    /// The node's `admin.token`.
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -79,6 +96,9 @@ enum Output {
 
 #[derive(Debug, Subcommand)]
 enum CtlCommand {
+    /// One node, through its admin API (`--admin`): role, uptime, connections, rooms, and its bridges (each
+    /// supervised task with its restarts and last error, and who consumes each source).
+    Status,
     /// The registry's raft group: status and membership changes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -197,6 +217,9 @@ pub(crate) fn run(args: CtlArgs) -> ExitCode {
 }
 
 async fn execute(args: &CtlArgs) -> Result<(), Failure> {
+    if let CtlCommand::Status = args.command {
+        return node_status(args).await;
+    }
     let client = connect(args)?;
     let ctl = Ctl {
         client,
@@ -216,7 +239,155 @@ async fn execute(args: &CtlArgs) -> Result<(), Failure> {
             ctl.remove(*node_id, *force).await
         }
         CtlCommand::Routes(command) => ctl.routes(command).await,
+        CtlCommand::Status => unreachable!("answered above"),
     }
+}
+
+/// `herald ctl status`: `GET /admin/status` on the node's admin API.
+async fn node_status(args: &CtlArgs) -> Result<(), Failure> {
+    let (code, body) = admin_get(&args.admin, args.admin_token.as_deref(), "/admin/status").await?;
+    let doc: Value = serde_json::from_str(&body).map_err(|e| Failure {
+        code: EXIT_SOFTWARE,
+        message: format!("the admin API answered something unreadable ({e}): {body}"),
+    })?;
+    match code {
+        200 => {}
+        401 => {
+            return Err(Failure {
+                code: EXIT_NOPERM,
+                message: format!(
+                    "the node refused the admin token ({}); pass --admin-token or set HERALD_ADMIN_TOKEN",
+                    doc["error"].as_str().unwrap_or("unauthorized")
+                ),
+            })
+        }
+        other => {
+            return Err(Failure {
+                code: EXIT_SOFTWARE,
+                message: format!("the admin API answered {other}: {body}"),
+            })
+        }
+    }
+    match args.output {
+        Output::Json => println!("{doc:#}"),
+        Output::Text => print!("{}", node_status_text(&doc)),
+    }
+    Ok(())
+}
+
+fn node_status_text(doc: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "role {}  edge {}  up {} s (since {}){}",
+        doc["role"].as_str().unwrap_or("?"),
+        doc["edge_id"].as_str().unwrap_or("-"),
+        doc["uptime_secs"],
+        doc["online_since"].as_str().unwrap_or("?"),
+        if doc["draining"] == true {
+            "  DRAINING"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "connections {}  subscriptions {}  rooms {}",
+        doc["connections"], doc["subscriptions"], doc["rooms"]
+    );
+    let tasks = doc["bridges"]["tasks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !tasks.is_empty() {
+        let _ = writeln!(out, "\nBRIDGE TASK\tUP\tRESTARTS\tLAST ERROR");
+        for task in &tasks {
+            let _ = writeln!(
+                out,
+                "{}\t{}\t{}\t{}",
+                task["task"].as_str().unwrap_or("?"),
+                if task["up"] == true { "yes" } else { "no" },
+                task["restarts"],
+                task["last_error"].as_str().unwrap_or("-")
+            );
+        }
+    }
+    if let Some(owners) = doc["bridges"]["source_owners"].as_object() {
+        if !owners.is_empty() {
+            let _ = writeln!(out, "\nSOURCE (ROUTE)\tCONSUMED BY");
+            for (route, owner) in owners {
+                let _ = writeln!(out, "{route}\t{}", owner.as_str().unwrap_or("?"));
+            }
+        }
+    }
+    out
+}
+
+/// One HTTP/1.1 GET to the admin API: (status, body). Plain and small on purpose: the admin API is on loopback
+/// or a private network, and ctl should not need an HTTP stack to read one JSON document.
+async fn admin_get(addr: &str, token: Option<&str>, path: &str) -> Result<(u16, String), Failure> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let unreachable = |e: String| Failure {
+        code: EXIT_UNAVAILABLE,
+        message: format!("the node's admin API at {addr} is unreachable: {e}"),
+    };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+        let request =
+            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut response = Vec::new();
+        stream
+            .take(16 * 1024 * 1024)
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok::<_, Failure>(response)
+    };
+    let response = tokio::time::timeout(RETRY_BUDGET, exchange)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {RETRY_BUDGET:?}")))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Failure {
+            code: EXIT_SOFTWARE,
+            message: format!("{addr} did not answer HTTP"),
+        })?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+/// Joins an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 fn connect(args: &CtlArgs) -> Result<RegistryClient, Failure> {

@@ -399,6 +399,21 @@ async fn serve_edge(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    let admin = if config.admin.enabled {
+        let admin_addr = format!("{}:{}", config.admin.host, config.admin.port);
+        match TcpListener::bind(&admin_addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                eprintln!("herald: cannot bind the admin API on {admin_addr}: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    } else {
+        None
+    };
+    if admin.is_some() && config.admin.token.is_empty() && !config.dev {
+        tracing::warn!("no admin.token configured: the admin API refuses every request");
+    }
     let cluster = if config.cluster.enabled() {
         match join_cluster(&config).await {
             Ok(node) => Some(node),
@@ -410,14 +425,18 @@ async fn serve_edge(config: Config) -> ExitCode {
     let shutdown = shutdown_signal();
     let http_addr = http.local_addr().expect("bound");
     let grpc_addr = grpc.local_addr().expect("bound");
+    let admin_field = admin
+        .as_ref()
+        .map(|l| format!(" admin={}", l.local_addr().expect("bound")))
+        .unwrap_or_default();
     // One machine-readable line first (tests and scripts read it), then the human guide.
     match &cluster {
         Some(node) => println!(
-            "herald listening: http={http_addr} grpc={grpc_addr} peer={} edge={}",
+            "herald listening: http={http_addr} grpc={grpc_addr} peer={} edge={}{admin_field}",
             node.peer.local_addr().expect("bound"),
             node.cluster.edge_id()
         ),
-        None => println!("herald listening: http={http_addr} grpc={grpc_addr}"),
+        None => println!("herald listening: http={http_addr} grpc={grpc_addr}{admin_field}"),
     }
     if config.dev {
         println!(
@@ -430,7 +449,7 @@ async fn serve_edge(config: Config) -> ExitCode {
              -d '{{\"rooms\":[{{\"chat\":\"lobby\"}}],\"data\":{{\"text\":\"hello\"}}}}'\n"
         );
     }
-    let listeners = herald_edge::Listeners { http, grpc };
+    let listeners = herald_edge::Listeners { http, grpc, admin };
     match herald_edge::run_with_cluster(config, listeners, cluster, shutdown).await {
         Ok(report) => {
             if report.cut_by_deadline > 0 {

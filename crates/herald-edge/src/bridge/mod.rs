@@ -535,6 +535,20 @@ impl Bridges {
         self.replica.lock().owners.get(route).cloned()
     }
 
+    /// The supervised tasks and the source owners, for the admin API.
+    pub(crate) fn status(&self) -> Value {
+        let tasks: Vec<Value> = self
+            .supervisor
+            .statuses()
+            .into_iter()
+            .map(|(task, s)| {
+                serde_json::json!({"task": task, "up": s.up, "restarts": s.restarts, "last_error": s.last_error})
+            })
+            .collect();
+        let owners = self.replica.lock().owners.clone();
+        serde_json::json!({"tasks": tasks, "source_owners": owners})
+    }
+
     /// `herald_bridge_*` series for `/metrics`.
     pub(crate) fn render(&self, out: &mut String) {
         let counters = self.counters.lock();
