@@ -612,7 +612,11 @@ async fn answering_pings_is_not_activity_for_the_idle_timeout() {
     // Reads, so answers every ping, but never sends anything itself.
     let mut reader = server.client().await;
     let started = std::time::Instant::now();
-    assert_eq!(reader.expect_close().await, Ended::Closed(Some(1000)));
+    // Bounded here: were pongs activity, the pings would keep `expect_close` reading for ever.
+    let ended = tokio::time::timeout(Duration::from_secs(5), reader.expect_close())
+        .await
+        .expect("answering pings kept an otherwise silent client from its idle timeout");
+    assert_eq!(ended, Ended::Closed(Some(1000)));
     assert!(started.elapsed() < Duration::from_millis(2500));
     assert!(server.metric("herald_pings_sent_total").await >= 3.0);
 
