@@ -245,6 +245,50 @@ fn spawn_publish_load(http: String, room: Value, count: u64) -> tokio::task::Joi
     })
 }
 
+/// A subscriber read continuously in the background while a test does something else, as a real client reads: a
+/// client that leaves its socket unread for seconds while deliveries arrive does not answer the edge's pings and
+/// is closed as a slow consumer (4008).
+struct Collector {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<(WsClient, Vec<Value>)>,
+}
+
+impl Collector {
+    /// Starts reading `client`, keeping the `data` of each publish.
+    fn start(mut client: WsClient) -> Collector {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                // `next` is cancel-safe: the stream keeps its state, not the future.
+                let msg = tokio::select! {
+                    msg = futures_util::StreamExt::next(&mut client.ws) => msg,
+                    _ = &mut stopped => break,
+                };
+                let Some(Ok(msg)) = msg else {
+                    panic!("the subscriber's connection ended: {msg:?}")
+                };
+                if let Ok(frame) = serde_json::from_str::<Value>(msg.to_text().unwrap_or("")) {
+                    if frame["type"] == "publish" {
+                        out.push(frame["data"].clone());
+                    }
+                }
+            }
+            (client, out)
+        });
+        Collector { stop, task }
+    }
+
+    /// Stops, drains what is still arriving within `quiet` of silence, and returns the client and every
+    /// publish's `data`.
+    async fn finish(self, quiet: Duration) -> (WsClient, Vec<Value>) {
+        let _ = self.stop.send(());
+        let (mut client, mut out) = self.task.await.unwrap();
+        out.extend(drain(&mut client, quiet).await);
+        (client, out)
+    }
+}
+
 /// Drains everything a client has received within `quiet` of silence, returning the `data` of each publish.
 async fn drain(client: &mut WsClient, quiet: Duration) -> Vec<Value> {
     let mut out = Vec::new();
@@ -289,6 +333,7 @@ async fn killing_the_registry_leader_loses_no_delivery() {
         wait_for_interest(&cluster.edges[0], json!({"feed": "steady"}), &mut refs).await;
     }
     drain(&mut subscribers[0], Duration::from_millis(100)).await;
+    let subscribers: Vec<Collector> = subscribers.into_iter().map(Collector::start).collect();
 
     let leader = cluster.status().await.expect("a leader").0;
     // A steady publish load on edge A while the leader dies.
@@ -331,8 +376,8 @@ async fn killing_the_registry_leader_loses_no_delivery() {
     );
 
     load.await.unwrap();
-    for (i, subscriber) in subscribers.iter_mut().enumerate() {
-        let got = drain(subscriber, Duration::from_millis(500)).await;
+    for (i, subscriber) in subscribers.into_iter().enumerate() {
+        let (_, got) = subscriber.finish(Duration::from_millis(500)).await;
         let expected: Vec<Value> = (0..300u64).map(|n| json!(n)).collect();
         assert_eq!(
             got, expected,
@@ -442,6 +487,7 @@ async fn membership_changes_under_publish_load_lose_nothing() {
     .await;
 
     // A steady publish load on edge A while the registry's membership changes.
+    let collector = Collector::start(on_b);
     let load = spawn_publish_load(
         cluster.edges[0].field("http"),
         json!({"feed": "membership"}),
@@ -507,7 +553,7 @@ async fn membership_changes_under_publish_load_lose_nothing() {
     assert_eq!(voters, vec![2, 3, 4]);
 
     load.await.unwrap();
-    let got = drain(&mut on_b, Duration::from_millis(500)).await;
+    let (mut on_b, got) = collector.finish(Duration::from_millis(500)).await;
     let expected: Vec<Value> = (0..400u64).map(|n| json!(n)).collect();
     assert_eq!(
         got, expected,

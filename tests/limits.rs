@@ -251,6 +251,8 @@ async fn a_slow_consumer_is_disconnected_without_slowing_anyone() {
     let server = start_server(&[
         ("limits.outbound-queue-bytes", "1048576"),
         ("limits.outbound-queue-frames", "100000"),
+        // The queue bound alone: the ping check would also close this client, once a write blocked long enough.
+        ("limits.busy-ping-interval-ms", "0"),
     ])
     .await;
     let mut slow = server.client().await;
@@ -365,4 +367,268 @@ async fn grpc_messages_over_the_body_limit_are_refused() {
     assert_eq!(error.code(), tonic::Code::OutOfRange, "{error}");
     // The channel and the server are fine afterwards.
     assert!(grpc.publish(request(10)).await.is_ok());
+}
+
+/// Counts a subscriber's deliveries in the background, reading (and so answering pings) all the time.
+struct Reading {
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<WsClient>,
+}
+
+impl Reading {
+    fn start(mut client: WsClient) -> Reading {
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (received.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), client.next_text()).await {
+                    Ok(Ok(_)) => {
+                        r.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Err(ended)) => panic!("the healthy subscriber was cut off: {ended:?}"),
+                    Err(_) => {}
+                }
+            }
+            client
+        });
+        Reading {
+            received,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits until `count` deliveries arrived (or a few seconds passed), then stops reading.
+    async fn finish(self, count: u64) -> (u64, WsClient) {
+        for _ in 0..200 {
+            if self.received.load(Ordering::Relaxed) >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let client = self.task.await.unwrap();
+        (self.received.load(Ordering::Relaxed), client)
+    }
+}
+
+/// Scenario 5 of the loadtest issue: a subscriber that stops reading is found by the ping appended to its
+/// deliveries, long before its queue could overflow behind the kernel's socket buffers, and closed with 4008 within
+/// busy interval + pong timeout; a healthy subscriber of the same room, which answers its pings by reading, loses
+/// nothing.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_within_the_pong_timeout() {
+    const BUSY_MS: u64 = 200;
+    const PONG_TIMEOUT_MS: u64 = 800;
+    let server = start_server(&[
+        ("limits.busy-ping-interval-ms", &BUSY_MS.to_string()),
+        ("limits.pong-timeout-ms", &PONG_TIMEOUT_MS.to_string()),
+    ])
+    .await;
+    let mut healthy = server.client().await;
+    healthy.subscribe(json!("h"), json!({"feed": "live"})).await;
+    let healthy = Reading::start(healthy);
+
+    // The slow subscriber reads its authorization and its subscribe answer, then never reads again.
+    let mut slow = RawWs::connect(server.http).await;
+    slow.send_json(json!({"type": "subscribe", "requestId": "s", "room": {"feed": "live"}}))
+        .await;
+    loop {
+        let (opcode, payload) = slow.read_frame().await.expect("the subscribe answer");
+        if opcode == OP_TEXT && String::from_utf8_lossy(&payload).contains("success") {
+            break;
+        }
+    }
+    let stopped = std::time::Instant::now();
+
+    // A modest rate: 40 small messages a second, which the socket buffers would absorb for hours.
+    let mut published = 0u64;
+    let mut detected = None;
+    while stopped.elapsed() < Duration::from_secs(10) {
+        server
+            .publish(json!({"rooms": [{"feed": "live"}], "data": {"n": published}}))
+            .await;
+        published += 1;
+        if detected.is_none()
+            && server
+                .metric("herald_slow_consumer_disconnects_total")
+                .await
+                >= 1.0
+        {
+            detected = Some(stopped.elapsed());
+        }
+        // Keep publishing a while after the close: the healthy subscriber must not notice any of it.
+        if detected.is_some_and(|at| stopped.elapsed() > at + Duration::from_millis(500)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let detected = detected.expect("the stopped reader was never disconnected");
+    // Busy interval + pong timeout, plus slack for a loaded test machine.
+    let bound = Duration::from_millis(BUSY_MS + PONG_TIMEOUT_MS + 1500);
+    assert!(
+        detected <= bound,
+        "disconnected after {detected:?}, bound {bound:?}"
+    );
+    assert!(server.metric("herald_pings_sent_total").await >= 1.0);
+
+    let (received, _healthy) = healthy.finish(published).await;
+    assert_eq!(
+        received, published,
+        "the healthy subscriber got every message"
+    );
+    assert_eq!(server.metric("herald_connections").await, 1.0);
+    // Reading at last, the slow client finds what was in flight, then the documented close code.
+    assert_eq!(slow.close_code().await, Some(4008));
+    assert!(slow.read_frame().await.is_none(), "the socket is closed");
+}
+
+/// Idle connections are pinged every ping interval: a peer that does not answer (gone, or not reading) is closed
+/// with 4012 after ping interval + pong timeout, while a client that reads, and so answers, stays connected.
+#[tokio::test]
+async fn an_idle_client_that_does_not_answer_pings_is_closed() {
+    const PING_MS: u64 = 300;
+    const PONG_TIMEOUT_MS: u64 = 500;
+    let server = start_server(&[
+        ("limits.ping-interval-ms", &PING_MS.to_string()),
+        ("limits.pong-timeout-ms", &PONG_TIMEOUT_MS.to_string()),
+    ])
+    .await;
+    // Reads (and so answers every ping) all through the test, sending nothing else.
+    let answering = server.client().await;
+    let answering = tokio::spawn(async move {
+        let mut answering = answering;
+        answering.expect_silence(Duration::from_millis(2500)).await;
+        answering
+    });
+
+    // After the upgrade this client never reads or writes again.
+    let connected = std::time::Instant::now();
+    let mut silent = RawWs::connect(server.http).await;
+    let mut closed_after = None;
+    while connected.elapsed() < Duration::from_secs(10) {
+        if server
+            .metric("herald_client_errors_total{kind=\"no_pong\"}")
+            .await
+            >= 1.0
+        {
+            closed_after = Some(connected.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let closed_after = closed_after.expect("the silent peer was never closed");
+    let nominal = Duration::from_millis(PING_MS + PONG_TIMEOUT_MS);
+    assert!(
+        closed_after >= nominal - Duration::from_millis(50),
+        "closed after {closed_after:?}, before ping interval + pong timeout"
+    );
+    assert!(
+        closed_after <= nominal + Duration::from_millis(1500),
+        "closed after {closed_after:?}"
+    );
+    assert_eq!(
+        server
+            .metric("herald_slow_consumer_disconnects_total")
+            .await,
+        0.0
+    );
+
+    // The answering client was pinged over the same time and more, and is still served.
+    let mut answering = answering.await.unwrap();
+    assert!(server.metric("herald_pings_sent_total").await >= 6.0);
+    answering.send_text("ping").await;
+    assert_eq!(answering.recv_text().await, "pong");
+    assert_eq!(server.metric("herald_connections").await, 1.0);
+    assert_eq!(
+        server
+            .metric("herald_client_errors_total{kind=\"no_pong\"}")
+            .await,
+        1.0
+    );
+
+    // The silent peer's socket holds its authorization, the ping it never answered, and the close.
+    let (opcode, _) = silent.read_frame().await.unwrap();
+    assert_eq!(opcode, OP_TEXT);
+    let (opcode, ping) = silent.read_frame().await.unwrap();
+    assert_eq!((opcode, ping.len()), (OP_PING, 4));
+    assert_eq!(silent.close_code().await, Some(4012));
+}
+
+/// RFC 6455 allows pongs nobody asked for (a unidirectional heartbeat): they are ignored, whatever their payload,
+/// and the connection keeps working.
+#[tokio::test]
+async fn unsolicited_pongs_are_ignored() {
+    let server = start_server(&[]).await;
+    let mut client = server.client().await;
+    client.subscribe(json!(1), json!({"r": 1})).await;
+    for payload in [&b""[..], b"hello", &[0, 0, 0, 1], &[0xff; 125]] {
+        client
+            .ws
+            .send(Message::Pong(payload.to_vec().into()))
+            .await
+            .unwrap();
+    }
+    client.send_text("ping").await;
+    assert_eq!(client.recv_text().await, "pong");
+    server
+        .publish(json!({"rooms": [{"r": 1}], "data": "still here"}))
+        .await;
+    assert_eq!(client.recv_json().await["data"], "still here");
+    assert_eq!(server.metric("herald_connections").await, 1.0);
+    assert_eq!(
+        server
+            .metric("herald_client_errors_total{kind=\"protocol\"}")
+            .await,
+        0.0
+    );
+
+    // Through a raw socket too, with no ping outstanding: answered by nothing, and nothing breaks.
+    let mut raw = RawWs::connect(server.http).await;
+    raw.send(OP_PONG, &[0, 0, 0, 7]).await;
+    raw.send(OP_TEXT, b"ping").await;
+    let mut texts = vec![];
+    while texts.len() < 2 {
+        let (opcode, payload) = raw.read_frame().await.expect("a frame");
+        assert_ne!(opcode, OP_CLOSE, "closed: {payload:?}");
+        if opcode == OP_TEXT {
+            texts.push(String::from_utf8(payload).unwrap());
+        }
+    }
+    assert_eq!(texts[1], "pong");
+}
+
+/// An unsolicited pong is the client's heartbeat and keeps the idle timeout away, like any frame it sends; a pong
+/// answering the server's ping is its WebSocket stack talking, and does not.
+#[tokio::test]
+async fn answering_pings_is_not_activity_for_the_idle_timeout() {
+    let server = start_server(&[
+        ("limits.idle-timeout-secs", "1"),
+        ("limits.ping-interval-ms", "200"),
+    ])
+    .await;
+    // Reads, so answers every ping, but never sends anything itself.
+    let mut reader = server.client().await;
+    let started = std::time::Instant::now();
+    // Bounded here: were pongs activity, the pings would keep `expect_close` reading for ever.
+    let ended = tokio::time::timeout(Duration::from_secs(5), reader.expect_close())
+        .await
+        .expect("answering pings kept an otherwise silent client from its idle timeout");
+    assert_eq!(ended, Ended::Closed(Some(1000)));
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    assert!(server.metric("herald_pings_sent_total").await >= 3.0);
+
+    let mut heartbeat = server.client().await;
+    for _ in 0..5 {
+        heartbeat
+            .ws
+            .send(Message::Pong(b"beat".to_vec().into()))
+            .await
+            .unwrap();
+        heartbeat.expect_silence(Duration::from_millis(400)).await;
+    }
+    heartbeat.send_text("ping").await;
+    assert_eq!(heartbeat.recv_text().await, "pong");
 }

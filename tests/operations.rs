@@ -19,6 +19,7 @@ const DOCUMENTED_SERIES: &[&str] = &[
     "herald_frames_sent_total",
     "herald_messages_dropped_total",
     "herald_slow_consumer_disconnects_total",
+    "herald_pings_sent_total",
     "herald_client_errors_total",
     "herald_publish_errors_total",
     "herald_bootstrap_requests_total",

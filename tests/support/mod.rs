@@ -236,10 +236,16 @@ impl WsClient {
         }
     }
 
-    /// Asserts that nothing arrives for `wait`.
+    /// Asserts that nothing but protocol pings and pongs arrives for `wait` (the server pings on its own, and
+    /// reading on answers its pings as any client must).
     pub async fn expect_silence(&mut self, wait: Duration) {
-        if let Ok(message) = tokio::time::timeout(wait, self.ws.next()).await {
-            panic!("expected silence, got {message:?}");
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(message) => panic!("expected silence, got {message:?}"),
+            }
         }
     }
 
@@ -259,6 +265,122 @@ impl WsClient {
             }))
             .await;
     }
+}
+
+/// WebSocket opcodes, for [`RawWs`].
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// A WebSocket client on a bare TCP socket that does nothing on its own: it reads only when asked and never
+/// answers a ping, so it can play a client that stopped reading or a peer that is gone.
+pub struct RawWs {
+    pub stream: TcpStream,
+    /// Bytes read but not yet parsed.
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    /// Connects to `/ws/` and completes the upgrade.
+    pub async fn connect(addr: SocketAddr) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let request = format!(
+            "GET /ws/ HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(STEP, stream.read(&mut chunk))
+                .await
+                .expect("upgrade response timed out")
+                .unwrap();
+            assert!(n > 0, "closed during the upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        assert!(
+            buf.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        );
+        RawWs {
+            stream,
+            buf: buf.split_off(end),
+        }
+    }
+
+    /// Sends one masked frame.
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send(OP_TEXT, value.to_string().as_bytes()).await;
+    }
+
+    /// The next frame, `(opcode, payload)`; `None` once the server has closed the socket.
+    pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            use tokio::io::AsyncReadExt;
+            let mut chunk = [0u8; 16 * 1024];
+            let n = tokio::time::timeout(STEP, self.stream.read(&mut chunk))
+                .await
+                .expect("timed out waiting for a frame")
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads until the server's close frame, skipping everything before it, and returns its code; `None` if the
+    /// socket ended without one.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        while let Some((opcode, payload)) = self.read_frame().await {
+            if opcode == OP_CLOSE {
+                return Some(u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+        None
+    }
+}
+
+/// One unmasked server frame from the front of `buf`, and the bytes it took.
+fn parse_server_frame(buf: &[u8]) -> Option<((u8, Vec<u8>), usize)> {
+    let (len, start) = match *buf.get(1)? & 0x7f {
+        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().unwrap()) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(start..start + len)?;
+    Some(((buf[0] & 0x0f, payload.to_vec()), start + len))
 }
 
 /// One HTTP request with hyper's client; returns status and body text.

@@ -293,8 +293,18 @@ pub struct Limits {
     pub outbound_queue_frames: usize,
     /// Bytes one connection may have queued for sending before it counts as a slow consumer.
     pub outbound_queue_bytes: usize,
-    /// Seconds a connection may stay silent before it is closed.
+    /// Seconds a connection may stay silent before it is closed. Pongs answering the server's pings are not the
+    /// client speaking and do not count.
     pub idle_timeout_secs: u64,
+    /// After writing deliveries to a connection, the writer appends a WebSocket ping when none was sent for this
+    /// many milliseconds (0: off). With `pong-timeout-ms` it bounds how long a client that stops reading keeps
+    /// its connection: at most their sum after it stopped.
+    pub busy_ping_interval_ms: u64,
+    /// Milliseconds between pings to a connection nothing is written to, to find dead peers (0: off).
+    pub ping_interval_ms: u64,
+    /// How long a ping may stay unanswered before the connection is closed: 4008 when deliveries waited behind
+    /// it (slow consumer), else 4012 (no pong). Must be above 0 when either ping is on.
+    pub pong_timeout_ms: u64,
     /// Allowed `Origin` values for WebSocket upgrades; empty allows any. An entry may start with `*.` after the
     /// scheme (`https://*.example.com`) to allow subdomains.
     pub allowed_origins: Vec<String>,
@@ -312,6 +322,16 @@ impl Default for Limits {
             outbound_queue_frames: 4096,
             outbound_queue_bytes: 4 * 1024 * 1024,
             idle_timeout_secs: 300,
+            // The issue's target is a stopped reader disconnected within 5 s; detection takes at most the busy
+            // interval (until the next ping goes out) plus the pong timeout (plus one write, tens of ms at a
+            // modest rate). 1 s + 3 s leaves a second of margin for a loaded node's scheduling: 1 s + 4 s would be
+            // the target exactly, and miss it by the write and the scheduling. A pong timeout of 3 s still lets a
+            // client fall 3 s behind (or a mobile link stall that long) before it is dropped. One ping a second
+            // per busy connection rides along in a write that happens anyway; only the pong costs a read.
+            busy_ping_interval_ms: 1_000,
+            // Centrifugo's default; idle connections cost one timer firing per interval.
+            ping_interval_ms: 25_000,
+            pong_timeout_ms: 3_000,
             allowed_origins: vec![],
         }
     }
@@ -541,6 +561,13 @@ impl Config {
                 return invalid(format!("{name} must be greater than 0"));
             }
         }
+        if (l.busy_ping_interval_ms > 0 || l.ping_interval_ms > 0) && l.pong_timeout_ms == 0 {
+            return invalid(
+                "limits.pong-timeout-ms must be greater than 0 while limits.busy-ping-interval-ms or \
+                 limits.ping-interval-ms is (set both intervals to 0 to turn pings off)"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -603,7 +630,8 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("dev", "Development mode (`herald dev` sets it): no auth configured means every room is allowed and the publish APIs are open, with a loud warning."),
     ("grpc-port", "Port of the gRPC publish API (`herald.v1.Publisher`)."),
     ("limits.allowed-origins", "Allowed `Origin` values for WebSocket upgrades (`https://*.example.com` allows subdomains); empty allows any. Others get 403."),
-    ("limits.idle-timeout-secs", "A connection that sends nothing for this long is closed (1000)."),
+    ("limits.busy-ping-interval-ms", "After writing deliveries, ping the client if no ping went out for this long (0: off). A client that stops reading is closed with 4008 within this plus `limits.pong-timeout-ms` (and one write) of stopping."),
+    ("limits.idle-timeout-secs", "A connection that sends nothing for this long is closed (1000). Pongs to the server's pings do not count."),
     ("limits.inbound-burst", "Per-connection burst of client messages before `rate-limited` errors."),
     ("limits.inbound-messages-per-second", "Per-connection sustained client message rate."),
     ("limits.max-message-bytes", "Largest client message after reassembly; larger closes the connection with 1009."),
@@ -612,6 +640,8 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("limits.max-subscriptions-per-connection", "Subscriptions one connection may hold (`too-many-subscriptions`)."),
     ("limits.outbound-queue-bytes", "Bytes queued for one connection before it is closed as a slow consumer (4008)."),
     ("limits.outbound-queue-frames", "Frames queued for one connection before it is closed as a slow consumer (4008)."),
+    ("limits.ping-interval-ms", "Ping a connection nothing is written to this often, to find dead peers (0: off)."),
+    ("limits.pong-timeout-ms", "How long a ping may go unanswered: then the connection is closed with 4008 if deliveries waited behind the ping, else 4012. Must be above 0 while pings are on."),
     ("log-format", "`text` or `json`."),
     ("log-level", "Log filter, e.g. `info` or `herald_edge=debug` (`RUST_LOG` overrides it)."),
     ("rpc.max-in-flight", "RPC calls the node may have in flight; more are answered `rpc-busy`."),
@@ -821,6 +851,54 @@ mod tests {
         let f = file("auth:\n  static-rooms:\n    - {a: [1]}\n");
         let err = Config::load(Some(&f.0), &BTreeMap::new(), &Overrides::new()).unwrap_err();
         assert!(err.to_string().contains("static-rooms[0]"), "{err}");
+    }
+
+    #[test]
+    fn pings_need_a_pong_timeout() {
+        let o = |pairs: &[(&str, &str)]| -> Overrides {
+            std::iter::once(("dev", "true"))
+                .chain(pairs.iter().copied())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let err = Config::load(
+            None,
+            &BTreeMap::new(),
+            &o(&[("limits.pong-timeout-ms", "0")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("limits.pong-timeout-ms"), "{err}");
+        let err = Config::load(
+            None,
+            &BTreeMap::new(),
+            &o(&[
+                ("limits.pong-timeout-ms", "0"),
+                ("limits.busy-ping-interval-ms", "0"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("limits.pong-timeout-ms"), "{err}");
+        // With both pings off the timeout is unused, and 0 is fine.
+        let c = Config::load(
+            None,
+            &BTreeMap::new(),
+            &o(&[
+                ("limits.pong-timeout-ms", "0"),
+                ("limits.busy-ping-interval-ms", "0"),
+                ("limits.ping-interval-ms", "0"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.pong_timeout_ms, 0);
+        let c = Config::load(None, &BTreeMap::new(), &o(&[])).unwrap();
+        assert_eq!(
+            (
+                c.limits.busy_ping_interval_ms,
+                c.limits.ping_interval_ms,
+                c.limits.pong_timeout_ms
+            ),
+            (1_000, 25_000, 3_000)
+        );
     }
 
     #[test]

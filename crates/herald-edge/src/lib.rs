@@ -9,6 +9,7 @@
 //! - [`peer_queue`]: the bounded queue in front of each peer edge.
 //! - [`peer`]: forwarding publishes edge to edge: the [`peer::Cluster`] handle, its links, the peer service.
 //! - [`outbound`]: each connection's bounded send queue and its writer.
+//! - [`liveness`]: the writer's pings and pong deadlines (slow consumers, dead peers).
 //! - [`hub`]: connections, subscriptions and the publish fan-out.
 //! - [`cluster_view`]: the local read replica of the registry that the publish path consults.
 //! - [`interest`]: batching the hub's room interest transitions for the cluster registry.
@@ -28,6 +29,7 @@ pub mod grpc;
 mod http;
 pub mod hub;
 pub mod interest;
+pub mod liveness;
 pub mod metrics;
 pub mod outbound;
 pub mod peer;

@@ -143,6 +143,8 @@ pub struct Metrics {
     pub messages_dropped: LabeledCounter,
     /// Connections closed for not reading fast enough.
     pub slow_consumer_disconnects: Counter,
+    /// WebSocket pings sent to clients (liveness checks).
+    pub pings_sent: Counter,
     /// Protocol errors answered with an error frame or a close, by kind.
     pub client_errors: LabeledCounter,
     /// Publish API requests refused, by reason.
@@ -190,6 +192,7 @@ impl Default for Metrics {
             frames_sent: Counter::default(),
             messages_dropped: LabeledCounter::new("reason", &["slow_consumer", "closed", "other"]),
             slow_consumer_disconnects: Counter::default(),
+            pings_sent: Counter::default(),
             client_errors: LabeledCounter::new(
                 "kind",
                 &[
@@ -206,6 +209,7 @@ impl Default for Metrics {
                     "invalid_utf8",
                     "protocol",
                     "idle_timeout",
+                    "no_pong",
                     "other",
                 ],
             ),
@@ -332,8 +336,14 @@ impl Metrics {
         counter(
             &mut out,
             "herald_slow_consumer_disconnects_total",
-            "Connections closed because their outbound queue overflowed.",
+            "Connections closed as slow consumers: outbound queue overflow, or a ping unanswered while deliveries waited.",
             &self.slow_consumer_disconnects,
+        );
+        counter(
+            &mut out,
+            "herald_pings_sent_total",
+            "WebSocket pings sent to clients by the liveness checks.",
+            &self.pings_sent,
         );
         labeled(
             &mut out,

@@ -23,6 +23,7 @@ use herald_protocol::{reply, Command, ErrorCode, ProtocolError, RequestId};
 
 use crate::auth::{Grant, Methods};
 use crate::hub::{Conn, SubscribeError};
+use crate::liveness::LivenessSettings;
 use crate::outbound::{self, Outbound};
 use crate::rpc::{RpcClient, RpcOutcome};
 use crate::server::State;
@@ -135,13 +136,6 @@ async fn run_connection(
         limits.outbound_queue_bytes,
     ));
     let reader_done = CancellationToken::new();
-    let writer = tokio::spawn(outbound::run_writer(
-        outbound.clone(),
-        write,
-        state.metrics.clone(),
-        state.going_away.clone(),
-        reader_done.clone(),
-    ));
 
     // What a connection needs for its RPCs: the credentials bootstrap forwarded, taken from the upgrade request
     // now (the request is gone afterwards), the methods it may call, and its share of in-flight calls.
@@ -181,6 +175,21 @@ async fn run_connection(
             None
         }
     };
+
+    // Spawned once the connection has its id (for the writer's logs); what was queued meanwhile waits for it.
+    let writer = tokio::spawn(outbound::run_writer(
+        outbound.clone(),
+        write,
+        outbound::WriterContext {
+            metrics: state.metrics.clone(),
+            going_away: state.going_away.clone(),
+            reader_done: reader_done.clone(),
+            liveness: LivenessSettings::from_limits(limits),
+            connection: conn
+                .as_ref()
+                .map_or_else(|| Arc::from(""), |c| c.id.clone()),
+        },
+    ));
 
     let mut reader = Reader {
         state: &state,
@@ -247,9 +256,13 @@ impl Reader<'_> {
         };
 
         let mut message: Option<(OpCode, Vec<u8>)> = None;
+        // The idle timeout counts from the client's last frame other than a pong answering the server's ping:
+        // those come from the client's WebSocket stack, not from the client, and would keep every live connection
+        // from ever being idle.
+        let mut idle_deadline = tokio::time::Instant::now() + idle;
         loop {
             let next = tokio::select! {
-                next = tokio::time::timeout(idle, read.read_frame(&mut send_fn)) => next,
+                next = tokio::time::timeout_at(idle_deadline, read.read_frame(&mut send_fn)) => next,
                 _ = self.outbound.killed().cancelled() => return,
             };
             let frame = match next {
@@ -265,6 +278,13 @@ impl Reader<'_> {
                 }
                 Ok(Ok(frame)) => frame,
             };
+            // The writer's liveness check waits for this pong; any other (RFC 6455 allows unsolicited pongs as a
+            // heartbeat) is ignored, and counts as the client's activity like any other frame.
+            let answered =
+                frame.opcode == OpCode::Pong && self.outbound.record_pong(&frame.payload);
+            if !answered {
+                idle_deadline = tokio::time::Instant::now() + idle;
+            }
             let (opcode, payload) = match frame.opcode {
                 OpCode::Close => return,
                 OpCode::Ping => {
