@@ -10,7 +10,8 @@ run:
 build:
 	$(CARGO) build --workspace --all-targets
 
-## Install what the tests need (Chromium, rustfmt, clippy), then format check, lint, and every test.
+## Install what the tests need (Chromium, nats-server, redis-server, rabbitmq-server, rustfmt, clippy), then format
+## check, lint, and every test.
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets
 
