@@ -903,3 +903,94 @@ async fn ctl_status_shows_each_bridge_task_and_who_consumes_each_source() {
     let closed = format!("127.0.0.1:{}", free_port());
     assert_eq!(status(Some(ADMIN_TOKEN), &closed).status.code(), Some(69));
 }
+
+#[tokio::test]
+async fn a_node_without_a_registry_changes_its_own_routes_through_its_admin_api() {
+    let backend = hook(0).await;
+    let node = Proc::spawn(&[
+        "dev".into(),
+        "--port".into(),
+        "0".into(),
+        "--grpc-port".into(),
+        "0".into(),
+        "--set".into(),
+        format!("admin.token={ADMIN_TOKEN}"),
+        "--set".into(),
+        format!("auth.api-keys={API_KEY}"),
+    ]);
+    let admin = node.field("admin");
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(HERALD)
+            .env_remove("HERALD_CTL_REGISTRY")
+            .args(["ctl", "--admin", &admin, "--admin-token", ADMIN_TOKEN])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let hook_endpoint = json!({"kind": "webhook", "url": backend.url}).to_string();
+    let room_endpoint = json!({"kind": "room", "room": {"audit": "*"}}).to_string();
+    assert!(ctl(&["routes", "put-endpoint", "backend", &hook_endpoint])
+        .status
+        .success());
+    assert!(ctl(&["routes", "put-endpoint", "audited", &room_endpoint])
+        .status
+        .success());
+    // Refused with the reason, before anything changes.
+    let bad = ctl(&["routes", "add", "r", "--from", "backend", "--to", "audited"]);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("webhook can only be a destination"));
+    let add = ctl(&[
+        "routes", "add", "audit", "--from", "audited", "--to", "backend",
+    ]);
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let list: Value = serde_json::from_slice(&ctl(&["routes", "list"]).stdout).unwrap();
+    assert_eq!(
+        list["routes"]["audit"],
+        json!({"from": "audited", "to": ["backend"]})
+    );
+
+    let publish = |data: &str| {
+        let url = format!("http://{}/api/v1/publish", node.field("http"));
+        let body = json!({"rooms": [{"audit": 1}], "data": data}).to_string();
+        async move {
+            http_request(
+                "POST",
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &format!("Bearer {API_KEY}")),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    publish("first").await;
+    let deadline = Instant::now() + STEP;
+    while backend.bodies.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the route added at run time never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.bodies.lock().unwrap()[0].1["data"], "first");
+
+    assert_eq!(
+        ctl(&["routes", "delete-endpoint", "backend"]).status.code(),
+        Some(64),
+        "in use"
+    );
+    assert!(ctl(&["routes", "remove", "audit"]).status.success());
+    publish("after removal").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        backend.bodies.lock().unwrap().len(),
+        1,
+        "a removed route still ran"
+    );
+}

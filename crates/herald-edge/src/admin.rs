@@ -4,6 +4,11 @@
 //!
 //! - `GET /admin/status`: role, edge id, uptime, connections, subscriptions, rooms, draining, and the bridges:
 //!   each supervised task (up, restarts, last error) and which edge consumes each route's source.
+//! - `GET /admin/routes`: the route table this node runs, with the source owners.
+//! - `PUT /admin/routes/<name>` (`{"from": ..., "to": [...]}`), `DELETE /admin/routes/<name>`,
+//!   `PUT /admin/endpoints/<name>` (an endpoint as under `endpoints:`), `DELETE /admin/endpoints/<name>`: in a
+//!   cluster they go to the registry, which every edge follows; on a node without one they change its own table.
+//!   Answers `{"changed": bool}`, 400 with the reason for an invalid table, 409 for an endpoint in use.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +24,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::{TableChange, TableError};
 use crate::server::State;
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -73,13 +79,101 @@ async fn route(
         };
         return reply(StatusCode::UNAUTHORIZED, json!({"error": reason}));
     }
-    match (request.method(), request.uri().path()) {
+    let path = request.uri().path().to_owned();
+    if let Some(change) = table_request(&path) {
+        return table_change(&state, request, change).await;
+    }
+    match (request.method(), path.as_str()) {
         (&Method::GET, "/admin/status") => reply(StatusCode::OK, status(&state)),
+        (&Method::GET, "/admin/routes") => reply(StatusCode::OK, state.bridges.table_json()),
         (_, "/admin/status") => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),
         _ => reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    }
+}
+
+/// The largest table-change body accepted.
+const MAX_DEFINITION_BYTES: usize = 16 * 1024;
+
+/// `(kind, name)` for `/admin/routes/<name>` and `/admin/endpoints/<name>`.
+fn table_request(path: &str) -> Option<(&'static str, String)> {
+    let (kind, name) = if let Some(name) = path.strip_prefix("/admin/routes/") {
+        ("route", name)
+    } else if let Some(name) = path.strip_prefix("/admin/endpoints/") {
+        ("endpoint", name)
+    } else {
+        return None;
+    };
+    Some((kind, name.to_owned()))
+}
+
+async fn table_change(
+    state: &State,
+    request: hyper::Request<hyper::body::Incoming>,
+    (kind, name): (&'static str, String),
+) -> Response<Full<Bytes>> {
+    use herald_routes::RouteError;
+    use http_body_util::{BodyExt, Limited};
+
+    let bad = |reason: String| reply(StatusCode::BAD_REQUEST, json!({"error": reason}));
+    if let Err(e) = herald_routes::validate_name(kind, &name) {
+        return bad(e.to_string());
+    }
+    let method = request.method().clone();
+    let change = match method {
+        Method::DELETE if kind == "route" => TableChange::DeleteRoute(name),
+        Method::DELETE => TableChange::DeleteEndpoint(name),
+        Method::PUT => {
+            let body = match Limited::new(request.into_body(), MAX_DEFINITION_BYTES)
+                .collect()
+                .await
+            {
+                Ok(body) => body.to_bytes(),
+                Err(_) => {
+                    return bad(format!(
+                        "body larger than {MAX_DEFINITION_BYTES} bytes, or unreadable"
+                    ))
+                }
+            };
+            let parsed = if kind == "route" {
+                serde_json::from_slice(&body)
+                    .map(|route| TableChange::PutRoute(name.clone(), route))
+                    .map_err(|e| RouteError::BadRoute {
+                        route: name.clone(),
+                        reason: e.to_string(),
+                    })
+            } else {
+                serde_json::from_slice(&body)
+                    .map(|endpoint| TableChange::PutEndpoint(name.clone(), endpoint))
+                    .map_err(|e| RouteError::BadEndpoint {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })
+            };
+            match parsed {
+                Ok(change) => change,
+                Err(e) => return bad(e.to_string()),
+            }
+        }
+        _ => {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "use PUT or DELETE"}),
+            )
+        }
+    };
+    match state.bridges.change(change).await {
+        Ok(changed) => reply(StatusCode::OK, json!({"changed": changed})),
+        Err(e @ TableError::Invalid(_)) => bad(e.to_string()),
+        Err(e @ TableError::InUse(_)) => {
+            reply(StatusCode::CONFLICT, json!({"error": e.to_string()}))
+        }
+        Err(e @ TableError::Unavailable(_)) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": e.to_string()}),
+        ),
     }
 }
 

@@ -102,7 +102,8 @@ enum CtlCommand {
     /// The registry's raft group: status and membership changes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// The bridges' route table, held by the registry: every edge follows it.
+    /// The bridges' route table: the registry's with `--registry` (every edge follows it), else the table of the
+    /// node at `--admin`.
     #[command(subcommand)]
     Routes(RoutesCommand),
 }
@@ -220,6 +221,10 @@ async fn execute(args: &CtlArgs) -> Result<(), Failure> {
     if let CtlCommand::Status = args.command {
         return node_status(args).await;
     }
+    // Routes without a registry: the node's own table, through its admin API.
+    if let (CtlCommand::Routes(command), true) = (&args.command, args.registry.is_empty()) {
+        return admin_routes(args, command).await;
+    }
     let client = connect(args)?;
     let ctl = Ctl {
         client,
@@ -245,29 +250,7 @@ async fn execute(args: &CtlArgs) -> Result<(), Failure> {
 
 /// `herald ctl status`: `GET /admin/status` on the node's admin API.
 async fn node_status(args: &CtlArgs) -> Result<(), Failure> {
-    let (code, body) = admin_get(&args.admin, args.admin_token.as_deref(), "/admin/status").await?;
-    let doc: Value = serde_json::from_str(&body).map_err(|e| Failure {
-        code: EXIT_SOFTWARE,
-        message: format!("the admin API answered something unreadable ({e}): {body}"),
-    })?;
-    match code {
-        200 => {}
-        401 => {
-            return Err(Failure {
-                code: EXIT_NOPERM,
-                message: format!(
-                    "the node refused the admin token ({}); pass --admin-token or set HERALD_ADMIN_TOKEN",
-                    doc["error"].as_str().unwrap_or("unauthorized")
-                ),
-            })
-        }
-        other => {
-            return Err(Failure {
-                code: EXIT_SOFTWARE,
-                message: format!("the admin API answered {other}: {body}"),
-            })
-        }
-    }
+    let doc = admin_call(args, "GET", "/admin/status", "").await?;
     match args.output {
         Output::Json => println!("{doc:#}"),
         Output::Text => print!("{}", node_status_text(&doc)),
@@ -323,9 +306,97 @@ fn node_status_text(doc: &Value) -> String {
     out
 }
 
-/// One HTTP/1.1 GET to the admin API: (status, body). Plain and small on purpose: the admin API is on loopback
+/// Calls the admin API and turns its answer into the document or a failure with the right exit code.
+async fn admin_call(
+    args: &CtlArgs,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<Value, Failure> {
+    let (code, text) =
+        admin_request(&args.admin, args.admin_token.as_deref(), method, path, body).await?;
+    let doc: Value = serde_json::from_str(&text).map_err(|e| Failure {
+        code: EXIT_SOFTWARE,
+        message: format!("the admin API answered something unreadable ({e}): {text}"),
+    })?;
+    let reason = doc["error"].as_str().unwrap_or("").to_owned();
+    match code {
+        200 => Ok(doc),
+        401 => Err(Failure {
+            code: EXIT_NOPERM,
+            message: format!(
+                "the node refused the admin token ({reason}); pass --admin-token or set HERALD_ADMIN_TOKEN"
+            ),
+        }),
+        400 | 409 => Err(Failure::usage(reason)),
+        503 => Err(Failure {
+            code: EXIT_UNAVAILABLE,
+            message: reason,
+        }),
+        other => Err(Failure {
+            code: EXIT_SOFTWARE,
+            message: format!("the admin API answered {other}: {text}"),
+        }),
+    }
+}
+
+/// `herald ctl routes ...` against one node's admin API (a node without a registry changes its own table; in a
+/// cluster the node passes the change to the registry).
+async fn admin_routes(args: &CtlArgs, command: &RoutesCommand) -> Result<(), Failure> {
+    let (method, path, body) = match command {
+        RoutesCommand::List => {
+            let doc = admin_call(args, "GET", "/admin/routes", "").await?;
+            println!("{doc:#}");
+            return Ok(());
+        }
+        RoutesCommand::PutEndpoint { name, definition } => (
+            "PUT",
+            format!("/admin/endpoints/{name}"),
+            definition.clone(),
+        ),
+        RoutesCommand::DeleteEndpoint { name } => {
+            ("DELETE", format!("/admin/endpoints/{name}"), String::new())
+        }
+        RoutesCommand::Add { name, from, to } => {
+            let route = herald_routes::Route {
+                from: from.clone(),
+                to: to.clone(),
+            };
+            let json = serde_json::to_string(&route).expect("routes serialize");
+            ("PUT", format!("/admin/routes/{name}"), json)
+        }
+        RoutesCommand::Remove { name } => {
+            ("DELETE", format!("/admin/routes/{name}"), String::new())
+        }
+    };
+    for name in path.rsplit('/').take(1) {
+        herald_routes::validate_name("route or endpoint", name)
+            .map_err(|e| Failure::usage(e.to_string()))?;
+    }
+    let doc = admin_call(args, method, &path, &body).await?;
+    match args.output {
+        Output::Json => println!("{doc:#}"),
+        Output::Text => println!(
+            "{method} {path}: {}",
+            if doc["changed"] == true {
+                "changed"
+            } else {
+                "no change"
+            }
+        ),
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 request to the admin API: (status, body). Plain and small on purpose: the admin API is on loopback
 /// or a private network, and ctl should not need an HTTP stack to read one JSON document.
-async fn admin_get(addr: &str, token: Option<&str>, path: &str) -> Result<(u16, String), Failure> {
+async fn admin_request(
+    addr: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), Failure> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let unreachable = |e: String| Failure {
         code: EXIT_UNAVAILABLE,
@@ -337,7 +408,10 @@ async fn admin_get(addr: &str, token: Option<&str>, path: &str) -> Result<(u16, 
             .map_err(|e| unreachable(e.to_string()))?;
         let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
         let request =
-            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n");
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
         stream
             .write_all(request.as_bytes())
             .await

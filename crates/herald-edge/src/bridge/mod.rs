@@ -193,6 +193,10 @@ struct Replica {
 #[derive(Debug)]
 pub(crate) struct Bridges {
     active: RwLock<Arc<Active>>,
+    /// The table being run (from the configuration, or the registry's).
+    table: Mutex<RouteTable>,
+    /// Where table changes go in a cluster; unset on a node without a registry, which changes its own table.
+    registry: std::sync::OnceLock<RegistryClient>,
     replica: Mutex<Replica>,
     counters: Mutex<BTreeMap<String, Arc<RouteCounters>>>,
     supervisor: Supervisor,
@@ -210,6 +214,8 @@ impl Bridges {
     pub(crate) fn new(max_body_bytes: usize, max_rooms: usize) -> Bridges {
         Bridges {
             active: RwLock::default(),
+            table: Mutex::default(),
+            registry: std::sync::OnceLock::new(),
             replica: Mutex::default(),
             counters: Mutex::default(),
             supervisor: Supervisor::default(),
@@ -245,6 +251,7 @@ impl Bridges {
     /// Runs `table`: routes whose definition changed get new destination workers (their sources restart on the
     /// runner's next pass); removed routes stop.
     pub(crate) fn install(&self, table: &RouteTable) {
+        *self.table.lock() = table.clone();
         let old = self.active.read().clone();
         let mut next = Active::default();
         for (name, route) in &table.routes {
@@ -535,6 +542,65 @@ impl Bridges {
         self.replica.lock().owners.get(route).cloned()
     }
 
+    /// The table being run, with the source owners, for the admin API.
+    pub(crate) fn table_json(&self) -> Value {
+        let table = self.table.lock().clone();
+        let owners = self.replica.lock().owners.clone();
+        serde_json::json!({"endpoints": table.endpoints, "routes": table.routes, "sources": owners})
+    }
+
+    /// Applies a change to the table: through the registry in a cluster (which validates the whole table in its
+    /// apply), else checked here and run at once. Returns whether anything changed.
+    pub(crate) async fn change(&self, change: TableChange) -> Result<bool, TableError> {
+        if let Some(client) = self.registry.get() {
+            let outcome = match &change {
+                TableChange::PutEndpoint(name, endpoint) => {
+                    let json = serde_json::to_string(endpoint).expect("endpoints serialize");
+                    client.put_endpoint(name, &json).await.map(|_| true)
+                }
+                TableChange::DeleteEndpoint(name) => client.delete_endpoint(name).await,
+                TableChange::PutRoute(name, route) => {
+                    let json = serde_json::to_string(route).expect("routes serialize");
+                    client.put_route(name, &json).await.map(|_| true)
+                }
+                TableChange::DeleteRoute(name) => client.delete_route(name).await,
+            };
+            return outcome.map_err(|e| match e.code() {
+                tonic::Code::InvalidArgument => TableError::Invalid(registry_reason(&e)),
+                tonic::Code::FailedPrecondition => TableError::InUse(registry_reason(&e)),
+                _ => TableError::Unavailable(e.to_string()),
+            });
+        }
+        let current = self.table.lock().clone();
+        let (next, changed) = match change {
+            TableChange::PutEndpoint(name, endpoint) => {
+                let changed = current.endpoints.get(&name) != Some(&endpoint);
+                (current.with_endpoint(&name, endpoint), changed)
+            }
+            TableChange::DeleteEndpoint(name) => {
+                let changed = current.endpoints.contains_key(&name);
+                (current.without_endpoint(&name), changed)
+            }
+            TableChange::PutRoute(name, route) => {
+                let changed = current.routes.get(&name) != Some(&route);
+                (current.with_route(&name, route), changed)
+            }
+            TableChange::DeleteRoute(name) => {
+                let mut next = current.clone();
+                let changed = next.routes.remove(&name).is_some();
+                (Ok(next), changed)
+            }
+        };
+        let next = next.map_err(|e| match e {
+            herald_routes::RouteError::InUse { .. } => TableError::InUse(e.to_string()),
+            other => TableError::Invalid(other.to_string()),
+        })?;
+        if changed {
+            self.install(&next);
+        }
+        Ok(changed)
+    }
+
     /// The supervised tasks and the source owners, for the admin API.
     pub(crate) fn status(&self) -> Value {
         let tasks: Vec<Value> = self
@@ -694,6 +760,36 @@ async fn next(rx: &mut mpsc::Receiver<Outgoing>, stop: &CancellationToken) -> Op
     }
 }
 
+/// A change to the route table, from the admin API.
+#[derive(Debug, Clone)]
+pub(crate) enum TableChange {
+    PutEndpoint(String, Endpoint),
+    DeleteEndpoint(String),
+    PutRoute(String, Route),
+    DeleteRoute(String),
+}
+
+/// Why a table change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TableError {
+    /// The table it would make is invalid (unknown endpoint, wrong role, cycle, bad definition).
+    #[error("{0}")]
+    Invalid(String),
+    /// An endpoint still used by a route.
+    #[error("{0}")]
+    InUse(String),
+    /// The registry could not be reached.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+fn registry_reason(e: &herald_registry::client::ClientError) -> String {
+    match e {
+        herald_registry::client::ClientError::Status(status) => status.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
 /// How the runner reaches the registry (cluster nodes only).
 #[derive(Debug, Clone)]
 pub(crate) struct RegistryHandle {
@@ -713,6 +809,7 @@ pub(crate) async fn run(
     match &registry {
         None => state.bridges.install(&configured),
         Some(handle) => {
+            let _ = state.bridges.registry.set(handle.client.clone());
             let handle = handle.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
