@@ -25,7 +25,7 @@ use crate::driver::herald::{GrpcPublisher, HeraldDriver, HttpPublisher};
 use crate::driver::peers::{NatsPublish, SockudoPublish};
 use crate::driver::{Driver, Incoming, Publisher, SubscriberClient};
 use crate::failover::{self, Controller, PublisherSegment};
-use crate::payload::{encode, now_ns, Header};
+use crate::payload::{encode, instant_at, now_ns, Header};
 use crate::peers::sockudo::PusherApp;
 use crate::procstat;
 use crate::report::*;
@@ -254,8 +254,14 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut interval_delivered = 0u64;
     let mut interval_latency = Latency::default();
     let mut total_delivered_ticks = 0u64;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
+    // Workers tick on whole seconds of publishing; this ticks a quarter second after each, so a worker's tick
+    // for second k (late by up to that much) lands in point k.
+    let mut ticker = tokio::time::interval_at(
+        instant_at(publish_start + 1_250_000_000),
+        Duration::from_secs(1),
+    );
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut second = 0u64;
     let drain_deadline = publish_end + (scenario.drain_secs * 1e9) as u64;
     let mut last_change = now_ns();
     let mut last_total = 0u64;
@@ -275,7 +281,9 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
             }
             _ = ticker.tick() => {
                 let now = now_ns();
-                let t = now.saturating_sub(publish_start) as f64 / 1e9;
+                // The end of the second the workers' ticks covered (Skip keeps whole seconds after a stall).
+                second = second.max(now.saturating_sub(publish_start + 250_000_000) / 1_000_000_000);
+                let t = second as f64;
                 let pct = interval_latency.percentiles();
                 timeline.push(TimelinePoint {
                     t,

@@ -13,12 +13,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Notify};
-use tokio::time::Instant;
 
 use crate::driver::herald::HeraldDriver;
 use crate::driver::peers::{NatsDriver, SockudoDriver};
 use crate::driver::{Driver, Incoming, SubscriberClient};
-use crate::payload::{now_ns, Header};
+use crate::payload::{instant_at, now_ns, Header};
 use crate::scenario::{Scenario, SubscriberPlan};
 use crate::stats::{KilledSegment, Latency, Missing, Stream};
 use crate::wire::{
@@ -261,12 +260,6 @@ const RECONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a connect + subscribe may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A tokio `Instant` for a CLOCK_MONOTONIC timestamp (tokio's clock is CLOCK_MONOTONIC too).
-fn instant_at(ns: u64) -> Instant {
-    let now = now_ns();
-    Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
-}
-
 impl<D: Driver> Worker<D> {
     fn new(driver: D, plan: Plan, events: mpsc::UnboundedSender<Event>) -> Self {
         let range = plan.scenario.worker_range(plan.worker);
@@ -313,6 +306,17 @@ impl<D: Driver> Worker<D> {
 
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Once publishing starts, ticks fall on whole seconds of it, which the coordinator's own ticks (a quarter
+        // second later) then count in the right second: a worker tick drifting past a coordinator tick showed up
+        // as a second with no deliveries next to one with twice as many.
+        let aligned = |start_ns: u64| {
+            let mut ticker = tokio::time::interval_at(
+                instant_at(start_ns + 1_000_000_000),
+                Duration::from_secs(1),
+            );
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            ticker
+        };
         loop {
             tokio::select! {
                 line = lines.next_line() => {
@@ -321,6 +325,7 @@ impl<D: Driver> Worker<D> {
                     };
                     match serde_json::from_str::<Command>(&line).context("bad command line")? {
                         Command::Publishing { start_ns, record_from_ns } => {
+                            ticker = aligned(start_ns);
                             let mut s = self.state.borrow_mut();
                             s.record_from_ns = record_from_ns.max(1);
                             s.slow_stop_ns = start_ns
