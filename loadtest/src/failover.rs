@@ -120,11 +120,12 @@ impl Controller {
             .and_then(|secret| {
                 RegistryClient::new(self.registry.clone(), secret).map_err(|e| e.to_string())
             }) {
-            // Short attempts, retried here until the round's limit: the commit is seen within one client round
-            // (its pauses are 50-250 ms) of happening, as an edge would see it.
+            // Calls retried here until the round's limit: the commit is seen within one client round (its pauses
+            // are 50-250 ms) of happening, as an edge would see it. The budget leaves each attempt its whole
+            // timeout, so a slow commit is waited for rather than cut off and sent again.
             Ok(client) => client
                 .with_call_timeout(Duration::from_secs(2))
-                .with_retry_budget(Duration::from_millis(500)),
+                .with_retry_budget(Duration::from_secs(5)),
             Err(e) => {
                 out.notes.push(format!("no registry client: {e}"));
                 return out;
@@ -267,17 +268,30 @@ impl Controller {
             }
         }
         let restarted_at = now_ns();
+        let mut last_seen;
         loop {
-            if let Ok(status) = client.member_status(&addr).await {
-                if status.leader_id.is_some() && revision.is_none_or(|rev| status.revision >= rev) {
-                    r.rejoined_after_restart_secs = Some(since_secs(restarted_at, now_ns()));
-                    break;
+            match client.member_status(&addr).await {
+                Ok(status) => {
+                    // The write's revision is its log index; a retried write that changed nothing leaves the
+                    // state's revision below it, so compare with what the member applied.
+                    let applied = status.last_applied.unwrap_or(0);
+                    if status.leader_id.is_some() && revision.is_none_or(|rev| applied >= rev) {
+                        r.rejoined_after_restart_secs = Some(since_secs(restarted_at, now_ns()));
+                        break;
+                    }
+                    last_seen = format!(
+                        "it knew leader {:?} and had applied log index {applied}",
+                        status.leader_id
+                    );
                 }
+                Err(e) => last_seen = e.to_string(),
             }
             if now_ns() > restarted_at + ROUND_LIMIT.as_nanos() as u64 {
                 let e = format!(
-                    "{name} had not caught up {} s after its restart",
-                    ROUND_LIMIT.as_secs()
+                    "{name} had not caught up {} s after its restart (the write committed at log index {}; last: \
+                     {last_seen})",
+                    ROUND_LIMIT.as_secs(),
+                    revision.map_or_else(|| "?".to_owned(), |r| r.to_string())
                 );
                 r.error = Some(r.error.map_or(e.clone(), |prev| format!("{prev}; {e}")));
                 break;
