@@ -251,11 +251,13 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut slow_all_gone_at: Option<f64> = None;
 
     let mut timeline = Vec::new();
+    // Seconds still waiting for a worker's tick: (deliveries, latencies), closed once every worker is past them.
+    let mut open_seconds: std::collections::BTreeMap<u64, (u64, Latency)> = Default::default();
+    let mut worker_second = vec![0u64; workers];
     let mut interval_delivered = 0u64;
     let mut interval_latency = Latency::default();
     let mut total_delivered_ticks = 0u64;
-    // Workers tick on whole seconds of publishing; this ticks a quarter second after each, so a worker's tick
-    // for second k (late by up to that much) lands in point k.
+    // For the progress bar, RSS samples and the end of the drain; the timeline is built from the workers' ticks.
     let mut ticker = tokio::time::interval_at(
         instant_at(publish_start + 1_250_000_000),
         Duration::from_secs(1),
@@ -274,6 +276,20 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
                         interval_delivered += tick.delivered;
                         total_delivered_ticks += tick.delivered;
                         interval_latency.add_wire(&tick.latency);
+                        if tick.second > 0 {
+                            let bin = open_seconds.entry(tick.second).or_default();
+                            bin.0 += tick.delivered;
+                            bin.1.add_wire(&tick.latency);
+                            worker_second[w] = worker_second[w].max(tick.second);
+                            let done = worker_second.iter().copied().min().unwrap_or(0);
+                            while let Some(entry) = open_seconds.first_entry() {
+                                if *entry.key() > done {
+                                    break;
+                                }
+                                let (second, (delivered, latency)) = entry.remove_entry();
+                                timeline.push(timeline_point(second, delivered, &latency));
+                            }
+                        }
                     }
                     Event::Fatal(e) => bail!("worker {w}: {e}"),
                     _ => {}
@@ -283,16 +299,8 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
                 let now = now_ns();
                 // The end of the second the workers' ticks covered (Skip keeps whole seconds after a stall).
                 second = second.max(now.saturating_sub(publish_start + 250_000_000) / 1_000_000_000);
-                let t = second as f64;
                 let pct = interval_latency.percentiles();
-                timeline.push(TimelinePoint {
-                    t,
-                    delivered_per_sec: interval_delivered as f64,
-                    p50_ms: pct.p50_ms,
-                    p99_ms: pct.p99_ms,
-                    max_ms: pct.max_ms,
-                });
-                bar.set_position((t as u64).min(duration.as_secs()));
+                bar.set_position(second.min(duration.as_secs()));
                 bar.set_message(format!("{} deliveries/s, p99 {:.2} ms", interval_delivered, pct.p99_ms));
                 interval_delivered = 0;
                 interval_latency.reset();
@@ -317,6 +325,9 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
                 }
             }
         }
+    }
+    for (second, (delivered, latency)) in std::mem::take(&mut open_seconds) {
+        timeline.push(timeline_point(second, delivered, &latency));
     }
     // Keep the drain's tail only while something was still arriving.
     while timeline
@@ -607,6 +618,17 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     report.write(&opts.out)?;
     drop(servers);
     Ok(report)
+}
+
+fn timeline_point(second: u64, delivered: u64, latency: &Latency) -> TimelinePoint {
+    let pct = latency.percentiles();
+    TimelinePoint {
+        t: second as f64,
+        delivered_per_sec: delivered as f64,
+        p50_ms: pct.p50_ms,
+        p99_ms: pct.p99_ms,
+        max_ms: pct.max_ms,
+    }
 }
 
 fn spec_settle(scenario: &Scenario) -> f64 {

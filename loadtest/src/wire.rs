@@ -140,6 +140,10 @@ pub(crate) struct ConnectReport {
 /// One interval's deliveries.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Tick {
+    /// The second of publishing this tick closes (1 for the first), by the tick's schedule rather than when it
+    /// ran, so a busy worker's late tick still counts in its own second; 0 before publishing.
+    #[serde(default)]
+    pub(crate) second: u64,
     pub(crate) delivered: u64,
     pub(crate) latency: WireHistogram,
 }

@@ -306,9 +306,10 @@ impl<D: Driver> Worker<D> {
 
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Once publishing starts, ticks fall on whole seconds of it, which the coordinator's own ticks (a quarter
-        // second later) then count in the right second: a worker tick drifting past a coordinator tick showed up
-        // as a second with no deliveries next to one with twice as many.
+        // Once publishing starts, ticks fall on whole seconds of it and say which second they close, so the
+        // coordinator counts each in its own second whenever it arrives (a worker tick drifting past the
+        // coordinator's showed up as a second with no deliveries next to one with twice as many).
+        let mut origin: Option<tokio::time::Instant> = None;
         let aligned = |start_ns: u64| {
             let mut ticker = tokio::time::interval_at(
                 instant_at(start_ns + 1_000_000_000),
@@ -326,6 +327,7 @@ impl<D: Driver> Worker<D> {
                     match serde_json::from_str::<Command>(&line).context("bad command line")? {
                         Command::Publishing { start_ns, record_from_ns } => {
                             ticker = aligned(start_ns);
+                            origin = Some(instant_at(start_ns));
                             let mut s = self.state.borrow_mut();
                             s.record_from_ns = record_from_ns.max(1);
                             s.slow_stop_ns = start_ns
@@ -344,9 +346,10 @@ impl<D: Driver> Worker<D> {
                         }
                     }
                 }
-                _ = ticker.tick() => {
+                at = ticker.tick() => {
+                    let second = origin.map_or(0, |o| at.saturating_duration_since(o).as_secs_f64().round() as u64);
                     let mut s = self.state.borrow_mut();
-                    let tick = Tick { delivered: s.interval_delivered, latency: s.interval.to_wire() };
+                    let tick = Tick { second, delivered: s.interval_delivered, latency: s.interval.to_wire() };
                     s.interval_delivered = 0;
                     s.interval.reset();
                     drop(s);
