@@ -483,6 +483,8 @@ pub(crate) struct FailoverFigures {
     pub(crate) lost_on_live_edges: u64,
     pub(crate) reconnect_gap: u64,
     pub(crate) in_flight_at_kill: u64,
+    /// Of those, publishes handed to the stream before the SIGKILL (the edge or its socket held them).
+    pub(crate) in_flight_before_kill: u64,
     /// Subscriber connections that closed with no kill to explain it (they reconnected; their gaps are loss).
     pub(crate) unexplained_reconnects: u64,
     pub(crate) publisher_switches: usize,
@@ -589,6 +591,7 @@ pub(crate) fn figures(outcome: Outcome, inputs: Inputs<'_>) -> FailoverFigures {
         lost_on_live_edges: inputs.lost,
         reconnect_gap: inputs.missing.reconnect_gap,
         in_flight_at_kill: inputs.missing.in_flight,
+        in_flight_before_kill: inputs.missing.in_flight_before_kill,
         unexplained_reconnects: inputs.unexplained_reconnects,
         publisher_switches: inputs.switched.iter().sum(),
         notes,
@@ -710,6 +713,7 @@ mod tests {
                     lost: 0,
                     reconnect_gap: 40,
                     in_flight: 3,
+                    in_flight_before_kill: 1,
                 },
                 lost: 0,
                 unexplained_reconnects: 0,

@@ -752,8 +752,14 @@ fn failover_markdown(md: &mut String, f: &FailoverFigures) {
         f.reconnect_gap.to_string(),
     );
     row(
-        "missed: publishes a killed edge died holding (publisher could not know; not counted as loss)",
+        "missed: publishes through a killed edge after the last one the subscriber got through it (not \
+         counted as loss: PublishStream acknowledges nothing per message)",
         f.in_flight_at_kill.to_string(),
+    );
+    row(
+        "… of which handed to the stream before the SIGKILL (the edge accepted them, or they were on their way, \
+         and it died before delivering them everywhere)",
+        f.in_flight_before_kill.to_string(),
     );
     if !f.leader_rounds.is_empty() {
         row(

@@ -141,6 +141,10 @@ pub(crate) struct Missing {
     /// through that edge (or, having received none, that were sent after the kill): the edge died holding them.
     /// `PublishStream` acknowledges nothing per message, so the publisher cannot know which of these it applied.
     pub(crate) in_flight: u64,
+    /// Of `in_flight`, those handed to the stream before the SIGKILL: the edge (or the socket to it) held them
+    /// when it died; the rest were sent to an edge already dead, before the publisher noticed.
+    #[serde(default)]
+    pub(crate) in_flight_before_kill: u64,
 }
 
 impl Missing {
@@ -148,6 +152,7 @@ impl Missing {
         self.lost += other.lost;
         self.reconnect_gap += other.reconnect_gap;
         self.in_flight += other.in_flight;
+        self.in_flight_before_kill += other.in_flight_before_kill;
     }
 }
 
@@ -287,6 +292,7 @@ impl Stream {
                 let lo = gap.start.max(seg.start).max(threshold);
                 let hi = gap.end.min(seg.end);
                 in_flight += hi.saturating_sub(lo);
+                out.in_flight_before_kill += hi.min(seg.kill).saturating_sub(lo);
             }
             let in_flight = in_flight.min(len);
             out.in_flight += in_flight;
@@ -387,7 +393,7 @@ mod tests {
             Missing {
                 lost: 10,
                 reconnect_gap: 10,
-                in_flight: 0
+                ..Missing::default()
             }
         );
         // A reconnect that was not caused by a kill excuses nothing.
@@ -428,7 +434,8 @@ mod tests {
             Missing {
                 lost: 1,
                 reconnect_gap: 0,
-                in_flight: 14
+                in_flight: 14,
+                in_flight_before_kill: 4,
             }
         );
         // A hole inside the killed segment, before the last delivery the subscriber got through it, is loss.
@@ -441,7 +448,8 @@ mod tests {
             Missing {
                 lost: 2,
                 reconnect_gap: 0,
-                in_flight: 14
+                in_flight: 14,
+                in_flight_before_kill: 4,
             }
         );
         // Nothing received through the killed edge at all: only what was sent after the kill is in flight.
@@ -453,7 +461,8 @@ mod tests {
             Missing {
                 lost: 20,
                 reconnect_gap: 0,
-                in_flight: 10
+                in_flight: 10,
+                in_flight_before_kill: 0,
             }
         );
     }

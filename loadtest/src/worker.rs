@@ -785,9 +785,8 @@ mod tests {
         assert_eq!(
             m,
             Missing {
-                lost: 0,
                 reconnect_gap: 30,
-                in_flight: 0
+                ..Missing::default()
             }
         );
         assert_eq!(report.resubscribes.len(), 1);
@@ -815,7 +814,8 @@ mod tests {
                 Missing {
                     lost: 20,
                     reconnect_gap: 0,
-                    in_flight: 10
+                    in_flight: 10,
+                    in_flight_before_kill: 5,
                 },
                 "{from_node} {closed_ns}"
             );
