@@ -6,9 +6,10 @@
 # targets missed" (the run was correct but herald missed some of the scenario's performance targets; exit 0), or
 # "FAILED" (loss, duplication, reordering or connect failures beyond the scenario's limits; exit 1). Both are
 # benchmark results, not errors: they are listed and the script goes on. A run that could not happen at all
-# (exit 2: servers would not start, workers died) makes the script exit non-zero at the end.
+# (exit 2: servers would not start, workers died) makes the script exit non-zero at the end. The failover
+# scenario applies to herald only: against a peer the harness writes a "not applicable" report and exits 0.
 #
-# Environment: SCENARIOS (default: the five standard ones), TARGETS (default: herald, plus nats/sockudo when
+# Environment: SCENARIOS (default: the six standard ones), TARGETS (default: herald, plus nats/sockudo when
 # their servers are installed), LOADTEST (the harness binary), RESULTS (output root).
 set -uo pipefail
 
@@ -16,7 +17,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 loadtest="${LOADTEST:-target/release/herald-loadtest}"
 results="${RESULTS:-loadtest/results}"
-scenarios="${SCENARIOS:-fanout latency idle-memory connect slow-consumers}"
+scenarios="${SCENARIOS:-fanout latency idle-memory connect slow-consumers failover}"
 if [[ -z "${TARGETS:-}" ]]; then
     targets="herald"
     command -v nats-server >/dev/null 2>&1 && targets+=" nats"

@@ -1,4 +1,5 @@
-//! The PNG chart: deliveries/s over time (top) and latency p50/p99/max per second (bottom).
+//! The PNG chart: deliveries/s over time (top) and latency p50/p99/max per second (bottom); a failover run's
+//! kills are vertical lines on both (registry leader kills purple, edge kills orange).
 //!
 //! plotters draws the lines; text is drawn here with font8x8's bitmap glyphs, because plotters' own text needs
 //! system fonts (font-kit) or a TTF file, and the chart must render on any machine.
@@ -39,15 +40,28 @@ pub(crate) fn draw(report: &RunReport, path: &Path) -> anyhow::Result<()> {
     let points = &report.timeline;
     let t_max = points.last().map_or(1.0, |p| p.t.max(1.0));
 
+    let leader_color = RGBColor(150, 60, 200).to_rgba();
+    let edge_color = RGBColor(240, 140, 0).to_rgba();
+    let mut kills: Vec<(f64, RGBAColor)> = Vec::new();
+    if let Some(f) = &report.failover {
+        kills.extend(f.leader_rounds.iter().map(|r| (r.at_secs, leader_color)));
+        kills.extend(f.edge_kills.iter().map(|k| (k.round.at_secs, edge_color)));
+    }
     let throughput: Vec<(f64, f64)> = points.iter().map(|p| (p.t, p.delivered_per_sec)).collect();
     let y_max = nice_ceiling(throughput.iter().map(|p| p.1).fold(0.0, f64::max));
+    let kill_legend: &[(&str, RGBAColor)] = if kills.is_empty() {
+        &[]
+    } else {
+        &[("leader", leader_color), ("edge", edge_color)]
+    };
     panel(
         &top,
         "deliveries/s",
         t_max,
         y_max,
         &[(&throughput, BLUE.to_rgba())],
-        &[],
+        kill_legend,
+        &kills,
     )?;
 
     let series = |f: fn(&crate::report::TimelinePoint) -> f64| -> Vec<(f64, f64)> {
@@ -72,6 +86,7 @@ pub(crate) fn draw(report: &RunReport, path: &Path) -> anyhow::Result<()> {
             ("p99", RED.to_rgba()),
             ("max", RGBColor(160, 160, 160).to_rgba()),
         ],
+        &kills,
     )?;
     root.present()?;
     Ok(())
@@ -79,7 +94,7 @@ pub(crate) fn draw(report: &RunReport, path: &Path) -> anyhow::Result<()> {
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
-/// One chart: axes with tick labels, the series, a legend.
+/// One chart: axes with tick labels, the series, vertical markers at `markers` (x, colour), a legend.
 fn panel(
     area: &Area<'_>,
     label: &str,
@@ -87,6 +102,7 @@ fn panel(
     y_max: f64,
     series: &[(&Vec<(f64, f64)>, RGBAColor)],
     legend: &[(&str, RGBAColor)],
+    markers: &[(f64, RGBAColor)],
 ) -> anyhow::Result<()> {
     let (w, h) = area.dim_in_pixel();
     // backend_coord answers in the whole image's pixels; text is drawn relative to this area.
@@ -129,6 +145,9 @@ fn panel(
     }
     chart.draw_series(LineSeries::new([(0.0, 0.0), (x_max, 0.0)], BLACK))?;
     chart.draw_series(LineSeries::new([(0.0, 0.0), (0.0, y_max)], BLACK))?;
+    for (x, color) in markers.iter().filter(|(x, _)| *x <= x_max) {
+        chart.draw_series(LineSeries::new([(*x, 0.0), (*x, y_max)], *color))?;
+    }
     for (points, color) in series {
         chart.draw_series(LineSeries::new(
             points.iter().map(|(x, y)| (*x, y.min(y_max))),

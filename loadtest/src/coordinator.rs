@@ -7,11 +7,11 @@
 //! counts actually sent.
 
 use std::cell::RefCell;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,14 +24,15 @@ use tokio::sync::mpsc;
 use crate::driver::herald::{GrpcPublisher, HeraldDriver, HttpPublisher};
 use crate::driver::peers::{NatsPublish, SockudoPublish};
 use crate::driver::{Driver, Incoming, Publisher, SubscriberClient};
-use crate::payload::{encode, now_ns, Header};
+use crate::failover::{self, Controller, PublisherSegment};
+use crate::payload::{encode, instant_at, now_ns, Header};
 use crate::peers::sockudo::PusherApp;
 use crate::procstat;
 use crate::report::*;
 use crate::scenario::{PublishApi, Scenario};
 use crate::server::{self, Servers};
-use crate::stats::Latency;
-use crate::wire::{Command, ConnectReport, Event, FinalReport, Plan, TargetKind};
+use crate::stats::{Latency, Missing};
+use crate::wire::{Command, ConnectReport, Event, FinalReport, Plan, Resubscribe, TargetKind};
 
 /// What `herald-loadtest run` was asked to do.
 #[derive(Debug, Clone)]
@@ -66,6 +67,21 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     }
     let opts = opts;
     let scenario = &opts.scenario;
+    if scenario.failover.is_some() {
+        // main.rs answers "not applicable" for the peers before getting here.
+        if opts.target != TargetKind::Herald {
+            bail!("failover runs against herald only");
+        }
+        if !opts.attach.is_empty() {
+            bail!(
+                "failover kills and restarts the servers, so the harness must start them itself: --edge cannot \
+                 be used"
+            );
+        }
+        if opts.publish_api != PublishApi::Grpc {
+            bail!("failover publishes over gRPC only (--publish-api http could resend a publish cut by a kill)");
+        }
+    }
     let started_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -186,9 +202,27 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
         .map(|(publisher, mut schedule)| {
             schedule.start = publish_start;
             schedule.end = publish_end;
-            tokio::spawn(publish_loop(publisher, schedule, sent.clone()))
+            let switching = scenario.failover.as_ref().map(|_| Switching {
+                grpc: servers.nodes.iter().filter_map(|n| n.grpc).collect(),
+                api_key: servers.api_key.clone(),
+            });
+            tokio::spawn(publish_loop(publisher, schedule, sent.clone(), switching))
         })
         .collect();
+    let controller = scenario.failover.as_ref().map(|spec| {
+        tokio::spawn(
+            Controller {
+                spec: spec.clone(),
+                procs: servers.procs.clone(),
+                registry: servers.registry.clone(),
+                nodes: servers.nodes.clone(),
+                sent: sent.clone(),
+                publish_start,
+                publish_end,
+            }
+            .run(),
+        )
+    });
 
     let pids = servers.pids();
     let cpu_start: Vec<f64> = pids
@@ -217,11 +251,19 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut slow_all_gone_at: Option<f64> = None;
 
     let mut timeline = Vec::new();
+    // Seconds still waiting for a worker's tick: (deliveries, latencies), closed once every worker is past them.
+    let mut open_seconds: std::collections::BTreeMap<u64, (u64, Latency)> = Default::default();
+    let mut worker_second = vec![0u64; workers];
     let mut interval_delivered = 0u64;
     let mut interval_latency = Latency::default();
     let mut total_delivered_ticks = 0u64;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
+    // For the progress bar, RSS samples and the end of the drain; the timeline is built from the workers' ticks.
+    let mut ticker = tokio::time::interval_at(
+        instant_at(publish_start + 1_250_000_000),
+        Duration::from_secs(1),
+    );
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut second = 0u64;
     let drain_deadline = publish_end + (scenario.drain_secs * 1e9) as u64;
     let mut last_change = now_ns();
     let mut last_total = 0u64;
@@ -234,6 +276,20 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
                         interval_delivered += tick.delivered;
                         total_delivered_ticks += tick.delivered;
                         interval_latency.add_wire(&tick.latency);
+                        if tick.second > 0 {
+                            let bin = open_seconds.entry(tick.second).or_default();
+                            bin.0 += tick.delivered;
+                            bin.1.add_wire(&tick.latency);
+                            worker_second[w] = worker_second[w].max(tick.second);
+                            let done = worker_second.iter().copied().min().unwrap_or(0);
+                            while let Some(entry) = open_seconds.first_entry() {
+                                if *entry.key() > done {
+                                    break;
+                                }
+                                let (second, (delivered, latency)) = entry.remove_entry();
+                                timeline.push(timeline_point(second, delivered, &latency));
+                            }
+                        }
                     }
                     Event::Fatal(e) => bail!("worker {w}: {e}"),
                     _ => {}
@@ -241,16 +297,10 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
             }
             _ = ticker.tick() => {
                 let now = now_ns();
-                let t = now.saturating_sub(publish_start) as f64 / 1e9;
+                // The end of the second the workers' ticks covered (Skip keeps whole seconds after a stall).
+                second = second.max(now.saturating_sub(publish_start + 250_000_000) / 1_000_000_000);
                 let pct = interval_latency.percentiles();
-                timeline.push(TimelinePoint {
-                    t,
-                    delivered_per_sec: interval_delivered as f64,
-                    p50_ms: pct.p50_ms,
-                    p99_ms: pct.p99_ms,
-                    max_ms: pct.max_ms,
-                });
-                bar.set_position((t as u64).min(duration.as_secs()));
+                bar.set_position(second.min(duration.as_secs()));
                 bar.set_message(format!("{} deliveries/s, p99 {:.2} ms", interval_delivered, pct.p99_ms));
                 interval_delivered = 0;
                 interval_latency.reset();
@@ -276,6 +326,9 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
             }
         }
     }
+    for (second, (delivered, latency)) in std::mem::take(&mut open_seconds) {
+        timeline.push(timeline_point(second, delivered, &latency));
+    }
     // Keep the drain's tail only while something was still arriving.
     while timeline
         .last()
@@ -292,7 +345,19 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
         .iter()
         .filter_map(|p| procstat::cpu_secs(*p))
         .sum();
-    let publish = finish_publishers(publishers, scenario, &sent).await;
+    let (mut publish, segments) = finish_publishers(publishers, scenario, &sent).await;
+    let mut failover_run = None;
+    if let Some(controller) = controller {
+        bar.set_message("waiting for the last failover round");
+        let outcome = controller
+            .await
+            .map_err(|e| anyhow!("the failover controller failed: {e}"))?;
+        let (killed, switched, unexplained) =
+            failover::killed_segments(&segments, &outcome.edge_rounds);
+        publish.errors.extend(unexplained);
+        let facts = failover::facts(&outcome, killed, publish_end);
+        failover_run = Some((outcome, switched, facts));
+    }
     bar.finish_and_clear();
 
     // === stop and gather ===
@@ -300,6 +365,7 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     for p in &mut procs {
         p.send(&Command::Stop {
             sent: sent_counts.clone(),
+            failover: failover_run.as_ref().map(|(_, _, facts)| facts.clone()),
         })
         .await?;
     }
@@ -335,7 +401,13 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     let mut churn_latency = Latency::default();
     let mut worker_cpu = 0.0;
     let mut last_delivery = publish_end;
+    let mut failover_missing = Missing::default();
+    let mut resubscribes: Vec<Resubscribe> = Vec::new();
+    let mut unexplained_reconnects = 0;
     for f in &finals {
+        failover_missing.add(f.failover_missing);
+        resubscribes.extend_from_slice(&f.resubscribes);
+        unexplained_reconnects += f.unexplained_reconnects;
         last_delivery = last_delivery.max(f.last_delivery_ns);
         delivery.delivered += f.delivered;
         delivery.lost += f.lost;
@@ -362,7 +434,11 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     all.add(&same);
     all.add(&cross);
     churn.time_to_ack = churn_latency.percentiles();
-    delivery.expected = delivery.delivered - delivery.duplicates + delivery.lost;
+    // Expected: every delivery a publish owed a stable subscriber, including those a kill explains.
+    delivery.expected = delivery.delivered - delivery.duplicates
+        + delivery.lost
+        + failover_missing.reconnect_gap
+        + failover_missing.in_flight;
     delivery.loss_share = if delivery.expected > 0 {
         delivery.lost as f64 / delivery.expected as f64
     } else {
@@ -375,16 +451,29 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     delivery.backlog_drain_secs = (last_delivery - publish_end) as f64 / 1e9;
 
     let client_pids = servers.nodes.iter().filter(|n| n.pid.is_some()).count();
+    let restarted = servers.procs.restarted();
     let server_usage: Vec<ServerUsage> = pids
         .iter()
         .enumerate()
-        .map(|(i, (name, pid))| ServerUsage {
-            name: name.clone(),
-            pid: *pid,
-            rss_before_connect: rss_before[i],
-            rss_connected: rss_connected[i],
-            rss_peak: rss_peak[i],
-            cpu_percent: (cpu_end[i] - cpu_start[i]) / elapsed * 100.0,
+        .map(|(i, (name, pid))| {
+            let restarts = restarted
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, r)| *r);
+            ServerUsage {
+                name: name.clone(),
+                pid: *pid,
+                rss_before_connect: rss_before[i],
+                rss_connected: rss_connected[i],
+                rss_peak: rss_peak[i],
+                // A restarted process's CPU is split over PIDs the harness did not all sample.
+                cpu_percent: if restarts > 0 {
+                    0.0
+                } else {
+                    (cpu_end[i] - cpu_start[i]) / elapsed * 100.0
+                },
+                restarts,
+            }
         })
         .collect();
     let subscribed = connect.subscribed as f64;
@@ -419,13 +508,58 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     }
     if delivery.loss_share > pass.max_loss {
         failures.push(format!(
-            "lost {} of {} expected deliveries ({:.4}%) on {} (room, publisher) streams; allowed {:.4}%",
+            "lost {} of {} expected deliveries{} ({:.4}%) on {} (room, publisher) streams; allowed {:.4}%",
             delivery.lost,
             delivery.expected,
+            if scenario.failover.is_some() {
+                " on live edges (not explained by a kill)"
+            } else {
+                ""
+            },
             delivery.loss_share * 100.0,
             delivery.streams_with_loss,
             pass.max_loss * 100.0
         ));
+    }
+    let failover = match (failover_run, &scenario.failover) {
+        (Some((outcome, switched, _)), Some(spec)) => Some(failover::figures(
+            outcome,
+            failover::Inputs {
+                spec,
+                resubscribes: &resubscribes,
+                switched: &switched,
+                missing: failover_missing,
+                lost: delivery.lost,
+                unexplained_reconnects,
+                resubscribe_target_secs: scenario.targets.max_edge_kill_resubscribe_secs,
+            },
+        )),
+        _ => None,
+    };
+    if let Some(f) = &failover {
+        let never = f.clients_cut - f.clients_resubscribed;
+        if never > 0 {
+            failures.push(format!(
+                "{never} of {} subscribers of killed edges never subscribed again",
+                f.clients_cut
+            ));
+        }
+        if f.unexplained_reconnects > 0 {
+            failures.push(format!(
+                "{} subscriber connections closed with no kill to explain it (edges that were not killed must \
+                 keep their clients)",
+                f.unexplained_reconnects
+            ));
+        }
+        if f.skipped_kills > 0 {
+            notes.push(format!(
+                "{} of {} kills were not made: the rounds before them ran into the last {} s of publishing, \
+                 kept for settling",
+                f.skipped_kills,
+                f.leader_kills_planned + f.edge_kills_planned,
+                spec_settle(scenario)
+            ));
+        }
     }
     if pass.exact_order && (delivery.duplicates > 0 || delivery.reordered > 0) {
         failures.push(format!(
@@ -471,6 +605,7 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
         memory,
         harness_cpu_percent: (harness_cpu_end - harness_cpu_start) / elapsed * 100.0,
         timeline,
+        failover,
         notes,
         passed: failures.is_empty(),
         failures,
@@ -483,6 +618,21 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
     report.write(&opts.out)?;
     drop(servers);
     Ok(report)
+}
+
+fn timeline_point(second: u64, delivered: u64, latency: &Latency) -> TimelinePoint {
+    let pct = latency.percentiles();
+    TimelinePoint {
+        t: second as f64,
+        delivered_per_sec: delivered as f64,
+        p50_ms: pct.p50_ms,
+        p99_ms: pct.p99_ms,
+        max_ms: pct.max_ms,
+    }
+}
+
+fn spec_settle(scenario: &Scenario) -> f64 {
+    scenario.failover.as_ref().map_or(0.0, |f| f.settle_secs)
 }
 
 // === servers ===
@@ -726,6 +876,8 @@ struct PublisherOutcome {
     accepted: Option<u64>,
     max_lag_ns: u64,
     last_send_ns: u64,
+    /// Failover: streams that broke (the publisher moved to another edge after each).
+    segments: Vec<PublisherSegment>,
 }
 
 type PublisherHandle = tokio::task::JoinHandle<anyhow::Result<PublisherOutcome>>;
@@ -761,7 +913,7 @@ async fn connect_publishers(
         };
         let schedule = Schedule {
             publisher: p as u32,
-            node: node_index as u16,
+            node: Arc::new(AtomicU16::new(node_index as u16)),
             rooms: scenario.publisher_rooms(p),
             interval_ns: (1e9 / per_publisher).round() as u64,
             start: 0,
@@ -775,12 +927,47 @@ async fn connect_publishers(
 
 struct Schedule {
     publisher: u32,
-    node: u16,
+    /// The node it publishes through now (a failover run moves it), as payload headers carry it.
+    node: Arc<AtomicU16>,
     rooms: Vec<u32>,
     interval_ns: u64,
     start: u64,
     end: u64,
     payload_bytes: usize,
+}
+
+/// Failover: where a publisher goes when its stream to an edge breaks.
+struct Switching {
+    /// Every node's gRPC address, by node index.
+    grpc: Vec<SocketAddr>,
+    api_key: Option<String>,
+}
+
+impl Switching {
+    /// A new stream on another node (the others in turn, then `from` itself), trying until one connects or 30 s
+    /// have passed.
+    async fn connect(&self, from: usize) -> anyhow::Result<(usize, AnyPublisher)> {
+        let n = self.grpc.len();
+        let deadline = now_ns() + 30_000_000_000;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let mut last_error = None;
+            for k in 1..=n {
+                let node = (from + k) % n;
+                match GrpcPublisher::connect(self.grpc[node], self.api_key.as_deref()).await {
+                    Ok(p) => return Ok((node, AnyPublisher::Grpc(p))),
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            if now_ns() > deadline {
+                return Err(last_error
+                    .unwrap_or_else(|| anyhow!("no node"))
+                    .context("no edge took a new PublishStream within 30 s"));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
 }
 
 /// Open loop: message k is due at `start + k * interval` and carries that time, whenever it actually goes out.
@@ -790,12 +977,20 @@ struct Schedule {
 /// The schedule runs on its own OS thread: tokio's timer rounds sleeps up to whole milliseconds, which would add
 /// up to a millisecond of the harness's own lateness to every measured latency; `thread::sleep` wakes within
 /// tens of microseconds. The async side only forwards what the schedule produced.
-async fn publish_loop<P: Publisher>(
-    mut publisher: P,
+///
+/// In a failover run (`switching`), a publish that fails because the stream's edge died is sent again on a new
+/// stream to another edge (it never left: see `GrpcPublisher::publish`), and the broken stream's range of
+/// sequence numbers per room is recorded, so what the edge died holding can be told from loss.
+async fn publish_loop(
+    mut publisher: AnyPublisher,
     s: Schedule,
     sent: Arc<Vec<AtomicU64>>,
+    switching: Option<Switching>,
 ) -> anyhow::Result<PublisherOutcome> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Vec<u8>, u64)>();
+    let rooms = s.rooms.clone();
+    let publisher_id = s.publisher;
+    let node_now = s.node.clone();
     let schedule = std::thread::Builder::new()
         .name(format!("schedule-{}", s.publisher))
         .spawn(move || {
@@ -812,7 +1007,7 @@ async fn publish_loop<P: Publisher>(
                 let mut data = Vec::with_capacity(s.payload_bytes + 2);
                 encode(
                     &Header {
-                        node: s.node,
+                        node: s.node.load(Ordering::Relaxed),
                         publisher: s.publisher,
                         room: s.rooms[slot],
                         seq: seqs[slot],
@@ -831,11 +1026,48 @@ async fn publish_loop<P: Publisher>(
         .context("cannot start a schedule thread")?;
     let mut max_lag_ns = 0;
     let mut last_send_ns = 0;
+    let mut segments = Vec::new();
+    let counts = |sent: &[AtomicU64]| -> Vec<u64> {
+        rooms
+            .iter()
+            .map(|r| sent[*r as usize].load(Ordering::Relaxed))
+            .collect()
+    };
+    let mut segment_start = counts(&sent);
     let result = async {
         while let Some((room, data, intended)) = rx.recv().await {
             let now = now_ns();
             max_lag_ns = max_lag_ns.max(now.saturating_sub(intended));
-            publisher.publish(room, data).await?;
+            let mut data = data;
+            loop {
+                let spare = switching.as_ref().map(|_| data.clone());
+                match publisher.publish(room, data).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let (Some(switching), Some(spare)) = (&switching, spare) else {
+                            return Err(e);
+                        };
+                        let from = usize::from(node_now.load(Ordering::Relaxed));
+                        let end = counts(&sent);
+                        segments.push(PublisherSegment {
+                            publisher: publisher_id,
+                            node: from,
+                            ended_ns: now_ns(),
+                            error: format!("{e:#}"),
+                            rooms: rooms
+                                .iter()
+                                .zip(segment_start.iter().zip(&end))
+                                .map(|(r, (a, b))| (*r, *a, *b))
+                                .collect(),
+                        });
+                        let (node, next) = switching.connect(from).await?;
+                        publisher = next;
+                        node_now.store(node as u16, Ordering::Relaxed);
+                        segment_start = end;
+                        data = spare;
+                    }
+                }
+            }
             sent[room as usize].fetch_add(1, Ordering::Relaxed);
             last_send_ns = now;
         }
@@ -846,10 +1078,27 @@ async fn publish_loop<P: Publisher>(
     let _ = tokio::task::spawn_blocking(move || schedule.join()).await;
     result?;
     let accepted = publisher.finish().await?;
+    if !segments.is_empty() {
+        // Only the last stream answers: compare it with what went through it alone.
+        let through_last: u64 = counts(&sent)
+            .iter()
+            .zip(&segment_start)
+            .map(|(b, a)| b - a)
+            .sum();
+        if let Some(a) = accepted {
+            if a != through_last {
+                bail!(
+                    "publisher {publisher_id}: its last stream sent {through_last} publishes but the edge \
+                     accepted {a}"
+                );
+            }
+        }
+    }
     Ok(PublisherOutcome {
-        accepted,
+        accepted: if segments.is_empty() { accepted } else { None },
         max_lag_ns,
         last_send_ns,
+        segments,
     })
 }
 
@@ -857,7 +1106,7 @@ async fn finish_publishers(
     handles: Vec<PublisherHandle>,
     scenario: &Scenario,
     sent: &[AtomicU64],
-) -> PublishFigures {
+) -> (PublishFigures, Vec<PublisherSegment>) {
     let mut figures = PublishFigures {
         publishers: if scenario.publish.rate > 0.0 {
             scenario.publish.publishers
@@ -869,6 +1118,7 @@ async fn finish_publishers(
     };
     let mut accepted = Some(0u64);
     let mut last_send = 0u64;
+    let mut segments = Vec::new();
     for handle in handles {
         match handle.await {
             Ok(Ok(outcome)) => {
@@ -877,6 +1127,7 @@ async fn finish_publishers(
                     .max_schedule_lag_ms
                     .max(outcome.max_lag_ns as f64 / 1e6);
                 last_send = last_send.max(outcome.last_send_ns);
+                segments.extend(outcome.segments);
             }
             Ok(Err(e)) => figures.errors.push(format!("{e:#}")),
             Err(e) => figures.errors.push(format!("publisher task: {e}")),
@@ -894,5 +1145,5 @@ async fn finish_publishers(
         }
     }
     let _ = last_send;
-    figures
+    (figures, segments)
 }

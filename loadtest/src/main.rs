@@ -11,6 +11,7 @@
 //! - [`report`], [`chart`]: result.json, report.md, chart.png.
 //! - [`server`]: starting `herald dev` or a registry + edge cluster (or a peer's server), or attaching to running
 //!   nodes; [`peers`]: NATS and Sockudo protocol clients and server starters, used by [`driver`]'s peer drivers.
+//! - [`failover`]: scenario 6, killing registry leaders and edges while publishing, and what that cost.
 //!
 //! Exit status: 0 the run passed its scenario's criteria, 1 it ran but failed them (the reason is printed and in
 //! the report), 2 it could not run (servers would not start, workers died), 64 bad scenario or arguments.
@@ -18,6 +19,7 @@
 mod chart;
 mod coordinator;
 mod driver;
+mod failover;
 mod payload;
 // The peers' protocol clients and server starters; the harness uses only part of their API.
 #[allow(dead_code)]
@@ -57,7 +59,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a scenario file and write result.json, report.md and chart.png.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check scenario files without running them.
     Check {
         /// Scenario files (TOML).
@@ -101,6 +103,18 @@ struct RunArgs {
     /// Override the scenario's duration_secs.
     #[arg(long)]
     duration: Option<f64>,
+    /// Override the scenario's failover.leader_kills.
+    #[arg(long)]
+    leader_kills: Option<usize>,
+    /// Override the scenario's failover.edge_kills.
+    #[arg(long)]
+    edge_kills: Option<usize>,
+    /// Override the scenario's failover.kill_interval_secs.
+    #[arg(long)]
+    kill_interval: Option<f64>,
+    /// Override the scenario's failover.first_kill_after_secs.
+    #[arg(long)]
+    first_kill_after: Option<f64>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -137,7 +151,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_USAGE)
             }
         }
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
     }
 }
 
@@ -158,9 +172,53 @@ fn run(args: RunArgs) -> ExitCode {
         scenario.duration_secs = d;
         scenario.warmup_secs = scenario.warmup_secs.min(d / 2.0);
     }
+    let failover_overrides = [
+        args.leader_kills.is_some(),
+        args.edge_kills.is_some(),
+        args.kill_interval.is_some(),
+        args.first_kill_after.is_some(),
+    ];
+    if failover_overrides.contains(&true) {
+        let Some(f) = scenario.failover.as_mut() else {
+            eprintln!(
+                "herald-loadtest: --leader-kills, --edge-kills, --kill-interval and --first-kill-after need a \
+                 scenario with a [failover] section"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        };
+        f.leader_kills = args.leader_kills.unwrap_or(f.leader_kills);
+        f.edge_kills = args.edge_kills.unwrap_or(f.edge_kills);
+        f.kill_interval_secs = args.kill_interval.unwrap_or(f.kill_interval_secs);
+        f.first_kill_after_secs = args.first_kill_after.unwrap_or(f.first_kill_after_secs);
+    }
+    // Overrides must still make a valid scenario (e.g. a shorter run must still fit the failover schedule).
+    if let Err(e) = scenario.validate() {
+        eprintln!("herald-loadtest: with the overrides: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("loadtest/results").join(format!("{}-{}", scenario.name, args.target.name()))
     });
+    if scenario.failover.is_some() && args.target != TargetKind::Herald {
+        // The peers run as one node without a registry: there is nothing to fail over. Say so, not fail.
+        return match report::not_applicable(
+            &scenario,
+            args.target.name(),
+            &out,
+            "failover kills herald's registry leader and edges; this peer runs as one node with no registry \
+             or other edges, so there is nothing to fail over",
+        ) {
+            Ok(text) => {
+                println!("{text}");
+                println!("results in {}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald-loadtest: {e:#}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        };
+    }
     let opts = coordinator::RunOptions {
         publish_api: args.publish_api.unwrap_or(scenario.publish.api),
         scenario,

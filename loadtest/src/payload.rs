@@ -33,6 +33,12 @@ pub(crate) fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A tokio `Instant` for a CLOCK_MONOTONIC timestamp (tokio's clock is CLOCK_MONOTONIC too).
+pub(crate) fn instant_at(ns: u64) -> tokio::time::Instant {
+    let now = now_ns();
+    tokio::time::Instant::now() + std::time::Duration::from_nanos(ns.saturating_sub(now))
+}
+
 /// Writes `header` as the JSON string `data`, padded so the JSON is `size` bytes (or just the header when it is
 /// longer than that).
 pub(crate) fn encode(header: &Header, size: usize, out: &mut Vec<u8>) {

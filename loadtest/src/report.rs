@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::failover::FailoverFigures;
 use crate::scenario::Scenario;
 use crate::stats::Percentiles;
 
@@ -30,6 +31,9 @@ pub(crate) struct RunReport {
     /// The harness's own CPU (coordinator + workers) while publishing, in % of one core.
     pub(crate) harness_cpu_percent: f64,
     pub(crate) timeline: Vec<TimelinePoint>,
+    /// Scenario 6: the kills and what they cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) failover: Option<FailoverFigures>,
     /// How this run departs from the scenario (e.g. a peer run on one node).
     pub(crate) notes: Vec<String>,
     /// Why the run failed; empty when it passed.
@@ -43,6 +47,33 @@ pub(crate) struct RunReport {
     pub(crate) targets_not_measured: usize,
     /// The verdict line, e.g. "passed, all 3 targets met" or "correct, 2 of 3 targets missed".
     pub(crate) verdict: String,
+}
+
+/// For a scenario that does not apply to `target` (failover against a peer): writes a `result.json` and a
+/// `report.md` that say so, with the verdict line `run-scenarios.sh` reads, and returns the report's text.
+pub(crate) fn not_applicable(
+    scenario: &Scenario,
+    target: &str,
+    dir: &Path,
+    why: &str,
+) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let json = serde_json::json!({
+        "scenario": scenario,
+        "target": target,
+        "not_applicable": why,
+        "verdict": "not applicable",
+    });
+    std::fs::write(
+        dir.join("result.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let md = format!(
+        "# {} — {target}\n\n**Result: not applicable**\n\nNot run: {why}.\n",
+        scenario.name
+    );
+    std::fs::write(dir.join("report.md"), &md)?;
+    Ok(md)
 }
 
 /// How a run did against one target.
@@ -246,7 +277,81 @@ pub(crate) fn evaluate_targets(report: &RunReport) -> Vec<TargetResult> {
             },
         );
     }
+    evaluate_failover_targets(report, &mut out);
     out
+}
+
+fn evaluate_failover_targets(report: &RunReport, out: &mut Vec<TargetResult>) {
+    let t = &report.scenario.targets;
+    let f = report.failover.as_ref();
+    if let Some(limit) = t.max_registry_write_after_leader_kill_secs {
+        let key = "max_registry_write_after_leader_kill_secs";
+        let figure = "first committed registry write after a leader SIGKILL, worst round";
+        let rounds = f.map_or(0, |f| f.leader_rounds.len());
+        let r = TargetResult::new(
+            key,
+            figure,
+            limit,
+            "s",
+            f.and_then(|f| f.write_after_kill_max_secs),
+        );
+        out.push(match f {
+            None => r.note("not a failover run"),
+            Some(_) if rounds == 0 => r.note("no leader kill was made"),
+            Some(f) if f.rounds_without_write > 0 => {
+                let mut r = r.note(format!(
+                    "no write committed within 30 s in {} of {rounds} rounds",
+                    f.rounds_without_write
+                ));
+                r.status = TargetStatus::Missed;
+                r
+            }
+            Some(f) => {
+                let within = f
+                    .leader_rounds
+                    .iter()
+                    .filter(|r| r.write_after_secs.is_some_and(|w| w <= limit))
+                    .count();
+                r.note(format!(
+                    "p50 {:.2} s; {within} of {rounds} rounds within",
+                    f.write_after_kill_p50_secs.unwrap_or(0.0)
+                ))
+            }
+        });
+    }
+    if let Some(limit) = t.max_edge_kill_resubscribe_secs {
+        let key = "max_edge_kill_resubscribe_secs";
+        let figure = "killed edge's clients resubscribed, slowest of all";
+        let measured = f
+            .filter(|f| f.clients_resubscribed > 0)
+            .map(|f| f.resubscribe.max_ms / 1e3);
+        let r = TargetResult::new(key, figure, limit, "s", measured);
+        out.push(match f {
+            None => r.note("not a failover run"),
+            Some(f) if f.edge_kills.is_empty() => r.note("no edge kill was made"),
+            Some(f) if f.clients_cut == 0 => r.note("the edge kills cut no subscriber"),
+            Some(f) => {
+                let never = f.clients_cut - f.clients_resubscribed;
+                let within = f.clients_within_target.unwrap_or(0);
+                let note = format!(
+                    "p50 {:.2} s, p99 {:.2} s; {within} of {} clients within{}",
+                    f.resubscribe.p50_ms / 1e3,
+                    f.resubscribe.p99_ms / 1e3,
+                    f.clients_cut,
+                    if never > 0 {
+                        format!(", {never} never resubscribed")
+                    } else {
+                        String::new()
+                    }
+                );
+                let mut r = r.note(note);
+                if never > 0 {
+                    r.status = TargetStatus::Missed;
+                }
+                r
+            }
+        });
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -356,8 +461,15 @@ pub(crate) struct ServerUsage {
     pub(crate) rss_before_connect: u64,
     pub(crate) rss_connected: u64,
     pub(crate) rss_peak: u64,
-    /// CPU while publishing, in % of one core.
+    /// CPU while publishing, in % of one core (0 for a process restarted during the run: not measured).
     pub(crate) cpu_percent: f64,
+    /// Times a failover run killed and restarted it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) restarts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -574,16 +686,158 @@ impl RunReport {
         for server in &self.servers {
             row(
                 &format!("{} RSS connected / peak, CPU", server.name),
-                format!(
-                    "{:.1} / {:.1} MiB, {:.0}%",
-                    server.rss_connected as f64 / 1048576.0,
-                    server.rss_peak as f64 / 1048576.0,
-                    server.cpu_percent
-                ),
+                if server.restarts > 0 {
+                    format!(
+                        "{:.1} MiB connected; restarted {}x, so peak and CPU not measured",
+                        server.rss_connected as f64 / 1048576.0,
+                        server.restarts
+                    )
+                } else {
+                    format!(
+                        "{:.1} / {:.1} MiB, {:.0}%",
+                        server.rss_connected as f64 / 1048576.0,
+                        server.rss_peak as f64 / 1048576.0,
+                        server.cpu_percent
+                    )
+                },
             );
         }
         row("harness CPU", format!("{:.0}%", self.harness_cpu_percent));
+        if let Some(f) = &self.failover {
+            failover_markdown(&mut md, f);
+        }
         md
+    }
+}
+
+fn ms3(p: &Percentiles) -> String {
+    if p.count == 0 {
+        return "-".into();
+    }
+    format!("{:.0} / {:.0} / {:.0}", p.p50_ms, p.p99_ms, p.max_ms)
+}
+
+fn secs_or_dash(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.2} s"))
+}
+
+/// The failover section: what the kills cost, then one row per edge kill and the leader rounds' times.
+fn failover_markdown(md: &mut String, f: &FailoverFigures) {
+    let _ = writeln!(
+        md,
+        "\nFailover: {} of {} registry leader kills and {} of {} edge kills made{}.\n",
+        f.leader_rounds.len(),
+        f.leader_kills_planned,
+        f.edge_kills.len(),
+        f.edge_kills_planned,
+        if f.skipped_kills > 0 {
+            format!(
+                " ({} not made: earlier rounds ran into the settling time)",
+                f.skipped_kills
+            )
+        } else {
+            String::new()
+        }
+    );
+    md.push_str("| failover figure | value |\n|---|---:|\n");
+    let mut row = |k: &str, v: String| {
+        let _ = writeln!(md, "| {k} | {v} |");
+    };
+    row(
+        "lost on live edges (missing deliveries no kill explains)",
+        f.lost_on_live_edges.to_string(),
+    );
+    row(
+        "missed by killed edges' clients while they reconnected (expected)",
+        f.reconnect_gap.to_string(),
+    );
+    row(
+        "missed: publishes through a killed edge after the last one the subscriber got through it (not \
+         counted as loss: PublishStream acknowledges nothing per message)",
+        f.in_flight_at_kill.to_string(),
+    );
+    row(
+        "… of which handed to the stream before the SIGKILL (the edge accepted them, or they were on their way, \
+         and it died before delivering them everywhere)",
+        f.in_flight_before_kill.to_string(),
+    );
+    if !f.leader_rounds.is_empty() {
+        row(
+            "registry leader SIGKILL to first committed write, p50 / max",
+            format!(
+                "{} / {}",
+                secs_or_dash(f.write_after_kill_p50_secs),
+                secs_or_dash(f.write_after_kill_max_secs)
+            ),
+        );
+        row(
+            "leader rounds without a committed write within 30 s",
+            f.rounds_without_write.to_string(),
+        );
+        let each: Vec<String> = f
+            .leader_rounds
+            .iter()
+            .map(|r| {
+                r.write_after_secs
+                    .map_or("none".into(), |w| format!("{w:.2}"))
+            })
+            .collect();
+        row("each leader round, SIGKILL to write (s)", each.join(", "));
+    }
+    if !f.edge_kills.is_empty() {
+        row(
+            "subscribers cut by edge kills / resubscribed / within target",
+            format!(
+                "{} / {} / {}",
+                f.clients_cut,
+                f.clients_resubscribed,
+                f.clients_within_target
+                    .map_or_else(|| "-".into(), |n| n.to_string())
+            ),
+        );
+        row(
+            "edge SIGKILL to resubscribe ack p50 / p99 / max (ms)",
+            ms3(&f.resubscribe),
+        );
+        row(
+            "edge SIGKILL to first delivery on the new connection p50 / p99 / max (ms)",
+            ms3(&f.first_delivery_after_kill),
+        );
+        row(
+            "publisher streams moved to another edge",
+            f.publisher_switches.to_string(),
+        );
+    }
+    row(
+        "connections closed with no kill to explain it",
+        f.unexplained_reconnects.to_string(),
+    );
+    if !f.edge_kills.is_empty() {
+        md.push_str(
+            "\n| edge kill | at | clients | resubscribed | ack p50 / p99 / max (ms) | first delivery p50 / p99 / max \
+             (ms) | publishers moved | restarted / registered after |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for k in &f.edge_kills {
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} s | {} | {} | {} | {} | {} | {} / {} |",
+                k.round.name,
+                k.round.at_secs,
+                k.clients,
+                k.resubscribed,
+                ms3(&k.resubscribe),
+                ms3(&k.first_delivery),
+                k.publishers_switched,
+                secs_or_dash(k.round.restarted_after_secs),
+                secs_or_dash(k.round.registered_after_secs)
+            );
+        }
+    }
+    if !f.notes.is_empty() {
+        md.push('\n');
+        for note in &f.notes {
+            let _ = writeln!(md, "- {note}");
+        }
     }
 }
 
@@ -639,6 +893,7 @@ mod tests {
             memory: MemoryFigures::default(),
             harness_cpu_percent: 0.0,
             timeline: Vec::new(),
+            failover: None,
             notes: Vec::new(),
             failures: Vec::new(),
             passed: true,
@@ -749,6 +1004,117 @@ mod tests {
         };
         r.judge_targets();
         assert_eq!(r.targets[0].status, TargetStatus::NotMeasured);
+    }
+
+    fn failover_report(rounds: &[Option<f64>], resubscribed: u64, cut: u64) -> RunReport {
+        let text =
+            "name = \"f\"\nduration_secs = 60\n[cluster]\nnodes = 3\n[clients]\nconnections = 12\n\
+                    rooms = 3\n[publish]\nrate = 10\n[failover]\nleader_kills = 3\nedge_kills = 1\n\
+                    [targets]\nmax_registry_write_after_leader_kill_secs = 2\n\
+                    max_edge_kill_resubscribe_secs = 3\n";
+        let mut r = report("");
+        r.scenario = Scenario::parse(text).unwrap();
+        let leader_rounds: Vec<crate::failover::LeaderRound> = rounds
+            .iter()
+            .map(|w| crate::failover::LeaderRound {
+                write_after_secs: *w,
+                ..Default::default()
+            })
+            .collect();
+        let mut writes: Vec<f64> = rounds.iter().flatten().copied().collect();
+        writes.sort_by(f64::total_cmp);
+        r.failover = Some(FailoverFigures {
+            leader_kills_planned: 3,
+            edge_kills_planned: 1,
+            write_after_kill_p50_secs: writes.get(writes.len().saturating_sub(1) / 2).copied(),
+            write_after_kill_max_secs: writes.last().copied(),
+            rounds_without_write: rounds.len() - writes.len(),
+            leader_rounds,
+            edge_kills: vec![crate::failover::EdgeKillFigures::default()],
+            clients_cut: cut,
+            clients_resubscribed: resubscribed,
+            clients_within_target: Some(resubscribed.min(cut) / 2),
+            resubscribe: Percentiles {
+                count: resubscribed,
+                p50_ms: 400.0,
+                p90_ms: 900.0,
+                p99_ms: 2_500.0,
+                p999_ms: 3_100.0,
+                max_ms: 3_200.0,
+            },
+            reconnect_gap: 120,
+            in_flight_at_kill: 7,
+            ..FailoverFigures::default()
+        });
+        r.judge_targets();
+        r
+    }
+
+    #[test]
+    fn failover_targets_are_judged_and_misses_said_plainly() {
+        let r = failover_report(&[Some(0.8), Some(1.1), Some(1.6)], 40, 40);
+        assert_eq!(
+            statuses(&r),
+            vec![
+                (
+                    "first committed registry write after a leader SIGKILL, worst round",
+                    TargetStatus::Met
+                ),
+                (
+                    "killed edge's clients resubscribed, slowest of all",
+                    TargetStatus::Missed
+                ),
+            ]
+        );
+        assert_eq!(
+            r.targets[0].measured_text(),
+            "1.6 s (p50 1.10 s; 3 of 3 rounds within)"
+        );
+        assert_eq!(r.verdict, "correct, 1 of 2 targets missed");
+        let md = r.markdown();
+        assert!(
+            md.contains(
+                "- MISSED target: killed edge's clients resubscribed, slowest of all — measured 3.2 s \
+                 (p50 0.40 s, p99 2.50 s; 20 of 40 clients within), target at most 3.0 s"
+            ),
+            "{md}"
+        );
+        assert!(md.contains(
+            "| missed by killed edges' clients while they reconnected (expected) | 120 |"
+        ));
+        assert!(
+            md.contains("| each leader round, SIGKILL to write (s) | 0.80, 1.10, 1.60 |"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["failover"]["in_flight_at_kill"], 7);
+    }
+
+    #[test]
+    fn a_round_without_a_write_or_a_client_that_never_came_back_is_a_miss() {
+        let r = failover_report(&[Some(0.5), None, Some(0.7)], 38, 40);
+        assert!(r.targets.iter().all(|t| t.status == TargetStatus::Missed));
+        assert_eq!(
+            r.targets[0].measured_text(),
+            "0.7 s (no write committed within 30 s in 1 of 3 rounds)"
+        );
+        assert!(
+            r.targets[1]
+                .measured_text()
+                .ends_with("2 never resubscribed)"),
+            "{}",
+            r.targets[1].measured_text()
+        );
+        // No kill made at all: nothing measured, which is not "met".
+        let mut r = failover_report(&[], 0, 0);
+        if let Some(f) = r.failover.as_mut() {
+            f.edge_kills.clear();
+        }
+        r.judge_targets();
+        assert!(r
+            .targets
+            .iter()
+            .all(|t| t.status == TargetStatus::NotMeasured));
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub(crate) struct Scenario {
     pub(crate) churn: ChurnSpec,
     #[serde(default)]
     pub(crate) slow_consumers: SlowSpec,
+    /// Scenario 6: registry leader and edge kills while publishing (herald only; see [`FailoverSpec`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) failover: Option<FailoverSpec>,
     #[serde(default)]
     pub(crate) pass: PassSpec,
     /// Performance targets. Missing one does not fail the run (correctness does, see [`PassSpec`]); the report
@@ -173,6 +176,99 @@ pub(crate) struct SlowSpec {
     pub(crate) stop_after_secs: f64,
 }
 
+/// Failover under load (issue 4's scenario 6): while publishing goes on, the coordinator SIGKILLs the registry's
+/// leader `leader_kills` times (restarting it from its data directory, same node id and port, and waiting for it
+/// to rejoin before the next kill) and an edge `edge_kills` times (round-robin over the edges; it is restarted on
+/// its ports at once, while its subscribers and publishers move to another edge).
+///
+/// Kills are `kill_interval_secs` apart from `first_kill_after_secs` into publishing (a kill waits for the
+/// previous one's round to finish), edge kills spread evenly among the leader kills, and publishing goes on for
+/// at least `settle_secs` after the last one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FailoverSpec {
+    /// Registry leader kills.
+    #[serde(default)]
+    pub(crate) leader_kills: usize,
+    /// Edge kills.
+    #[serde(default)]
+    pub(crate) edge_kills: usize,
+    /// Seconds between one kill and the next.
+    #[serde(default = "default_kill_interval")]
+    pub(crate) kill_interval_secs: f64,
+    /// Seconds of publishing before the first kill.
+    #[serde(default = "default_first_kill")]
+    pub(crate) first_kill_after_secs: f64,
+    /// Seconds of publishing after the last kill, so the last round's clients are back and receiving.
+    #[serde(default = "default_settle")]
+    pub(crate) settle_secs: f64,
+}
+
+fn default_kill_interval() -> f64 {
+    3.0
+}
+
+fn default_first_kill() -> f64 {
+    5.0
+}
+
+fn default_settle() -> f64 {
+    5.0
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        FailoverSpec {
+            leader_kills: 0,
+            edge_kills: 0,
+            kill_interval_secs: default_kill_interval(),
+            first_kill_after_secs: default_first_kill(),
+            settle_secs: default_settle(),
+        }
+    }
+}
+
+/// One planned kill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum KillKind {
+    /// The registry member that leads when the kill comes.
+    RegistryLeader,
+    /// An edge (which one: round-robin over the edges).
+    Edge,
+}
+
+impl FailoverSpec {
+    /// Every kill in order, as (seconds after publishing starts, kind). Edge kills are spread evenly among the
+    /// leader kills (Bresenham-style), so neither kind is bunched at one end of the run.
+    pub(crate) fn schedule(&self) -> Vec<(f64, KillKind)> {
+        let total = self.leader_kills + self.edge_kills;
+        (0..total)
+            .map(|i| {
+                let at = self.first_kill_after_secs + i as f64 * self.kill_interval_secs;
+                // Kill i is an edge kill when the running share of edge kills steps up at i.
+                let edge = (i + 1) * self.edge_kills / total > i * self.edge_kills / total;
+                (
+                    at,
+                    if edge {
+                        KillKind::Edge
+                    } else {
+                        KillKind::RegistryLeader
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The shortest `duration_secs` that fits every kill and the settling time after the last.
+    pub(crate) fn min_duration_secs(&self) -> f64 {
+        let kills = self.leader_kills + self.edge_kills;
+        self.first_kill_after_secs
+            + kills.saturating_sub(1) as f64 * self.kill_interval_secs
+            + self.settle_secs
+    }
+}
+
 /// When a run counts as failed (exit status 1).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -231,6 +327,13 @@ pub(crate) struct TargetSpec {
     /// herald only, to within the 1 s sampling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) max_slow_consumer_disconnect_secs: Option<f64>,
+    /// Failover: seconds from a registry leader's SIGKILL until a registry write committed, in the worst round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_registry_write_after_leader_kill_secs: Option<f64>,
+    /// Failover: seconds from an edge's SIGKILL until one of its clients had resubscribed elsewhere, for the
+    /// slowest client of any edge kill (every client must make it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_edge_kill_resubscribe_secs: Option<f64>,
 }
 
 impl TargetSpec {
@@ -250,6 +353,14 @@ impl TargetSpec {
             (
                 "max_slow_consumer_disconnect_secs",
                 self.max_slow_consumer_disconnect_secs,
+            ),
+            (
+                "max_registry_write_after_leader_kill_secs",
+                self.max_registry_write_after_leader_kill_secs,
+            ),
+            (
+                "max_edge_kill_resubscribe_secs",
+                self.max_edge_kill_resubscribe_secs,
             ),
         ]
         .into_iter()
@@ -294,7 +405,7 @@ impl Scenario {
         Ok(scenario)
     }
 
-    fn validate(&self) -> Result<(), ScenarioError> {
+    pub(crate) fn validate(&self) -> Result<(), ScenarioError> {
         let fail = |msg: String| Err(ScenarioError(msg));
         let finite_nonneg = |name: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
@@ -404,7 +515,83 @@ impl Scenario {
         if self.churn.per_second > 0.0 && self.churn.hold_ms == 0 {
             return fail("churn.hold_ms must be above 0 when churn.per_second is set".into());
         }
+        if let Some(f) = &self.failover {
+            self.validate_failover(f)?;
+        }
         self.validate_targets()
+    }
+
+    fn validate_failover(&self, f: &FailoverSpec) -> Result<(), ScenarioError> {
+        let fail = |msg: String| Err(ScenarioError(msg));
+        for (name, v) in [
+            ("failover.kill_interval_secs", f.kill_interval_secs),
+            ("failover.first_kill_after_secs", f.first_kill_after_secs),
+            ("failover.settle_secs", f.settle_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return fail(format!("{name} must be a finite number above 0, got {v}"));
+            }
+        }
+        if f.leader_kills + f.edge_kills == 0 {
+            return fail("failover needs leader_kills or edge_kills above 0".into());
+        }
+        if f.leader_kills + f.edge_kills > 1000 {
+            return fail("failover kills are at most 1000 in all".into());
+        }
+        if self.cluster.nodes < 2 {
+            return fail(
+                "failover needs a cluster (cluster.nodes of 2 or more): `herald dev` has no registry members \
+                 or other edges to fail over to"
+                    .into(),
+            );
+        }
+        if f.leader_kills > 0 && self.cluster.registries < 3 {
+            return fail(format!(
+                "failover.leader_kills needs cluster.registries of 3 or more (a majority must survive a kill), \
+                 got {}",
+                self.cluster.registries
+            ));
+        }
+        if self.publish.rate <= 0.0 {
+            return fail(
+                "failover needs publishing (publish.rate above 0): loss is what it checks".into(),
+            );
+        }
+        if self.publish.api != PublishApi::Grpc {
+            return fail(
+                "failover publishes over gRPC only (publish.api = \"grpc\"): an HTTP publish cut by a kill \
+                 could be resent and delivered twice"
+                    .into(),
+            );
+        }
+        if self.slow_consumers.share > 0.0 || self.churn.per_second > 0.0 {
+            return fail("failover does not combine with slow_consumers or churn".into());
+        }
+        if !self.clients.nodes.is_empty() || !self.publish.nodes.is_empty() {
+            return fail(
+                "failover uses every node for clients and publishers (clients.nodes and publish.nodes unset)"
+                    .into(),
+            );
+        }
+        if f.first_kill_after_secs < self.warmup_secs {
+            return fail(format!(
+                "failover.first_kill_after_secs ({}) must not fall in the warm-up ({} s)",
+                f.first_kill_after_secs, self.warmup_secs
+            ));
+        }
+        let needed = f.min_duration_secs();
+        if self.duration_secs + 1e-9 < needed {
+            return fail(format!(
+                "duration_secs ({}) is too short for the failover schedule: first kill at {} s, {} kills {} s \
+                 apart and {} s of settling need {needed} s",
+                self.duration_secs,
+                f.first_kill_after_secs,
+                f.leader_kills + f.edge_kills,
+                f.kill_interval_secs,
+                f.settle_secs
+            ));
+        }
+        Ok(())
     }
 
     fn validate_targets(&self) -> Result<(), ScenarioError> {
@@ -431,6 +618,25 @@ impl Scenario {
                 return Err(ScenarioError(format!(
                     "targets.{key} needs publishing, but publish.rate is 0"
                 )));
+            }
+        }
+        let kills = |pick: fn(&FailoverSpec) -> usize| self.failover.as_ref().map_or(0, pick);
+        for (key, set, needed, what) in [
+            (
+                "max_registry_write_after_leader_kill_secs",
+                t.max_registry_write_after_leader_kill_secs.is_some(),
+                kills(|f| f.leader_kills),
+                "failover.leader_kills",
+            ),
+            (
+                "max_edge_kill_resubscribe_secs",
+                t.max_edge_kill_resubscribe_secs.is_some(),
+                kills(|f| f.edge_kills),
+                "failover.edge_kills",
+            ),
+        ] {
+            if set && needed == 0 {
+                return Err(ScenarioError(format!("targets.{key} needs {what} above 0")));
             }
         }
         if t.max_slow_consumer_disconnect_secs.is_some() && self.slow_consumers.share == 0.0 {
@@ -614,6 +820,100 @@ mod tests {
             "{idle}\n[targets]\nmax_rss_per_connection_bytes = 8192\n"
         ))
         .unwrap();
+    }
+
+    const FAILOVER: &str = r#"
+        name = "f"
+        duration_secs = 20
+        [cluster]
+        nodes = 3
+        [clients]
+        connections = 12
+        rooms = 3
+        [publish]
+        rate = 10
+        [failover]
+        leader_kills = 3
+        edge_kills = 1
+    "#;
+
+    #[test]
+    fn failover_parses_with_defaults_and_a_spread_schedule() {
+        assert_eq!(Scenario::parse(MINIMAL).unwrap().failover, None);
+        let f = Scenario::parse(FAILOVER).unwrap().failover.unwrap();
+        assert_eq!(
+            f,
+            FailoverSpec {
+                leader_kills: 3,
+                edge_kills: 1,
+                kill_interval_secs: 3.0,
+                first_kill_after_secs: 5.0,
+                settle_secs: 5.0,
+            }
+        );
+        use KillKind::{Edge, RegistryLeader as Leader};
+        assert_eq!(
+            f.schedule(),
+            vec![(5.0, Leader), (8.0, Leader), (11.0, Leader), (14.0, Edge)]
+        );
+        assert_eq!(f.min_duration_secs(), 19.0);
+        // 20 leader kills and 3 edge kills: the edge kills fall among them, not bunched at one end.
+        let f = FailoverSpec {
+            leader_kills: 20,
+            edge_kills: 3,
+            ..FailoverSpec::default()
+        };
+        let edges: Vec<usize> = f
+            .schedule()
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, kind))| *kind == Edge)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(edges, vec![7, 15, 22]);
+        assert_eq!(f.schedule().len(), 23);
+    }
+
+    #[test]
+    fn failover_misfits_are_explained() {
+        for (from, to, needle) in [
+            ("nodes = 3", "nodes = 1", "cluster.nodes of 2"),
+            ("nodes = 3", "nodes = 3\nregistries = 2", "registries of 3"),
+            ("duration_secs = 20", "duration_secs = 18", "too short"),
+            ("rate = 10", "rate = 10\napi = \"http\"", "gRPC only"),
+            ("leader_kills = 3\n        edge_kills = 1", "", "above 0"),
+            (
+                "edge_kills = 1",
+                "edge_kills = 1\nkill_interval_secs = 0",
+                "kill_interval_secs",
+            ),
+            ("edge_kills = 1", "edge_kills = 1\nrestarts = 2", "restarts"),
+            (
+                "duration_secs = 20",
+                "duration_secs = 20\nwarmup_secs = 6",
+                "warm-up",
+            ),
+        ] {
+            assert!(FAILOVER.contains(from), "{from}");
+            let err = Scenario::parse(&FAILOVER.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{to}: {err}");
+        }
+        // Failover targets need the kills they measure.
+        for (targets, needle) in [
+            (
+                "max_registry_write_after_leader_kill_secs = 2",
+                "failover.leader_kills",
+            ),
+            ("max_edge_kill_resubscribe_secs = 3", "failover.edge_kills"),
+        ] {
+            let err = Scenario::parse(&format!("{MINIMAL}\n[targets]\n{targets}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{targets}: {err}");
+            Scenario::parse(&format!("{FAILOVER}\n[targets]\n{targets}\n")).unwrap();
+        }
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The servers a run measures: started by the harness (`herald dev`, or registries + edges) or attached to.
 //!
 //! Every process the harness starts is a direct child, killed by its own PID when [`Servers`] is dropped, with
-//! its stderr in the run's log directory and its stdout drained so it never blocks on a full pipe.
+//! its stderr in the run's log directory and its stdout drained so it never blocks on a full pipe. A failover
+//! run kills some of them on purpose and restarts them with the same arguments ([`Procs`]).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -34,7 +35,10 @@ pub(crate) struct Servers {
     pub(crate) support: Vec<(String, u32)>,
     /// The key publishers present.
     pub(crate) api_key: Option<String>,
-    children: Vec<Child>,
+    /// A self-started cluster's registry members, `host:port`, member `i + 1` at index `i` (named
+    /// `registry-{i + 1}` in [`Procs`]); empty otherwise.
+    pub(crate) registry: Vec<String>,
+    pub(crate) procs: Procs,
     temp_dirs: Vec<PathBuf>,
     /// Peer servers, which stop themselves when dropped.
     peer_guards: Vec<Box<dyn std::any::Any + Send>>,
@@ -43,13 +47,130 @@ pub(crate) struct Servers {
 impl Drop for Servers {
     fn drop(&mut self) {
         self.peer_guards.clear();
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        for proc in self.procs.lock().iter_mut() {
+            let _ = proc.child.kill();
+            let _ = proc.child.wait();
         }
         for dir in &self.temp_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// The server processes the harness started, by name (`dev`, `registry-1`, `edge-0`, …), shared with the
+/// failover controller, which kills and restarts them while the coordinator checks the others stay up.
+#[derive(Clone, Default)]
+pub(crate) struct Procs(Arc<Mutex<Vec<Managed>>>);
+
+struct Managed {
+    name: String,
+    child: Child,
+    bin: PathBuf,
+    /// What a restart runs with: the first start's arguments, with an edge's ports fixed to the ones it got.
+    restart_args: Vec<String>,
+    log_dir: PathBuf,
+    restarts: u32,
+    /// Killed on purpose and not running again yet: its absence is no failure.
+    down: bool,
+}
+
+impl Procs {
+    fn lock(&self) -> MutexGuard<'_, Vec<Managed>> {
+        // A panic while holding the lock leaves plain data behind; keep using it.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, name: &str, child: Child, bin: &Path, restart_args: Vec<String>, log_dir: &Path) {
+        self.lock().push(Managed {
+            name: name.to_owned(),
+            child,
+            bin: bin.to_owned(),
+            restart_args,
+            log_dir: log_dir.to_owned(),
+            restarts: 0,
+            down: false,
+        });
+    }
+
+    /// Fails if any process has exited that was not killed on purpose (it would otherwise show up as refused
+    /// connections).
+    pub(crate) fn check_alive(&self) -> anyhow::Result<()> {
+        for proc in self.lock().iter_mut().filter(|p| !p.down) {
+            if let Some(status) = proc.child.try_wait()? {
+                bail!(
+                    "server process {} ({}) exited during the run ({status})",
+                    proc.child.id(),
+                    proc.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs `name` (by its PID) and reaps it.
+    pub(crate) fn kill(&self, name: &str) -> anyhow::Result<()> {
+        let mut procs = self.lock();
+        let proc = procs
+            .iter_mut()
+            .find(|p| p.name == name)
+            .ok_or_else(|| anyhow!("no server process named {name}"))?;
+        if let Some(status) = proc.child.try_wait()? {
+            bail!("{name} had already exited ({status})");
+        }
+        proc.down = true;
+        // `Child::kill` is SIGKILL on Unix: no shutdown path runs, as when a machine dies.
+        proc.child
+            .kill()
+            .with_context(|| format!("cannot SIGKILL {name}"))?;
+        proc.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts `name` again with the same arguments (a registry member: same node id, port and data directory;
+    /// an edge: same ports) and returns its PID and first stdout line. Blocks until that line (at most 30 s).
+    pub(crate) fn restart(&self, name: &str) -> anyhow::Result<(u32, String)> {
+        let (bin, args, log) = {
+            let mut procs = self.lock();
+            let proc = procs
+                .iter_mut()
+                .find(|p| p.name == name)
+                .ok_or_else(|| anyhow!("no server process named {name}"))?;
+            proc.restarts += 1;
+            (
+                proc.bin.clone(),
+                proc.restart_args.clone(),
+                proc.log_dir
+                    .join(format!("{name}.restart-{}.log", proc.restarts)),
+            )
+        };
+        // A restarted port can be refused for a moment while the kernel finishes closing the old sockets.
+        let mut attempt = 0;
+        let (child, line) = loop {
+            match spawn(&bin, &args, &log) {
+                Ok(started) => break started,
+                Err(e) if attempt >= 10 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        };
+        let pid = child.id();
+        let mut procs = self.lock();
+        if let Some(proc) = procs.iter_mut().find(|p| p.name == name) {
+            proc.child = child;
+            proc.down = false;
+        }
+        Ok((pid, line))
+    }
+
+    /// Processes restarted during the run, as (name, restarts).
+    pub(crate) fn restarted(&self) -> Vec<(String, u32)> {
+        self.lock()
+            .iter()
+            .filter(|p| p.restarts > 0)
+            .map(|p| (p.name.clone(), p.restarts))
+            .collect()
     }
 }
 
@@ -63,23 +184,16 @@ impl Servers {
             .collect()
     }
 
-    /// Fails if any started process has exited (it would otherwise show up as refused connections).
+    /// Fails if any started process has exited that was not killed on purpose.
     pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
-        for child in &mut self.children {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "server process {} exited during the run ({status})",
-                    child.id()
-                );
-            }
-        }
-        Ok(())
+        self.procs.check_alive()
     }
 }
 
 /// The key self-started herald nodes accept.
 pub(crate) const API_KEY: &str = "loadtest-api-key";
-const SECRET: &str = "loadtest-cluster-secret-0123456789";
+/// The cluster secret of a self-started cluster.
+pub(crate) const SECRET: &str = "loadtest-cluster-secret-0123456789";
 
 /// Where the `herald` binary is: `--herald-bin`, else next to this executable (same cargo profile), else the
 /// one cargo's other profile built, else `herald` on PATH.
@@ -143,7 +257,8 @@ pub(crate) fn start_herald(
         servers
             .nodes
             .push(node_from_line("dev", &line, child.id())?);
-        servers.children.push(child);
+        let args = args.iter().map(|a| a.to_string()).collect();
+        servers.procs.add("dev", child, bin, args, log_dir);
         return Ok(servers);
     }
     let data = std::env::temp_dir().join(format!("herald-loadtest-{}", std::process::id()));
@@ -174,25 +289,21 @@ pub(crate) fn start_herald(
             "--log-level".to_owned(),
             "warn".to_owned(),
         ];
-        let log = log_dir.join(format!("registry-{}.log", i + 1));
+        let name = format!("registry-{}", i + 1);
+        let log = log_dir.join(format!("{name}.log"));
         let (child, _) = spawn(bin, &args, &log)?;
-        servers
-            .support
-            .push((format!("registry-{}", i + 1), child.id()));
-        servers.children.push(child);
+        servers.support.push((name.clone(), child.id()));
+        servers.procs.add(&name, child, bin, args.to_vec(), log_dir);
     }
-    let registry = ports
-        .iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    for i in 0..nodes {
-        let args = [
+    servers.registry = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let registry = servers.registry.join(",");
+    let edge_args = |i: usize, http: u16, grpc: u16| {
+        vec![
             "edge".to_owned(),
             "--port".to_owned(),
-            "0".to_owned(),
+            http.to_string(),
             "--grpc-port".to_owned(),
-            "0".to_owned(),
+            grpc.to_string(),
             "--set".to_owned(),
             format!("cluster.registry={registry}"),
             "--set".to_owned(),
@@ -209,13 +320,17 @@ pub(crate) fn start_herald(
             r#"auth.static-rooms=[{"lt":"*","shard":"*"}]"#.to_owned(),
             "--set".to_owned(),
             "log-level=warn".to_owned(),
-        ];
-        let log = log_dir.join(format!("edge-{i}.log"));
-        let (child, line) = spawn(bin, &args, &log)?;
-        servers
-            .nodes
-            .push(node_from_line(&format!("edge-{i}"), &line, child.id())?);
-        servers.children.push(child);
+        ]
+    };
+    for i in 0..nodes {
+        let name = format!("edge-{i}");
+        let log = log_dir.join(format!("{name}.log"));
+        let (child, line) = spawn(bin, &edge_args(i, 0, 0), &log)?;
+        let node = node_from_line(&name, &line, child.id())?;
+        // A restart keeps the ports clients and publishers know.
+        let restart = edge_args(i, node.ws.port(), node.grpc.map_or(0, |g| g.port()));
+        servers.procs.add(&name, child, bin, restart, log_dir);
+        servers.nodes.push(node);
     }
     Ok(servers)
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::Scenario;
-use crate::stats::WireHistogram;
+use crate::stats::{KilledSegment, Missing, WireHistogram};
 
 /// Which kind of server the subscribers speak to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -55,8 +55,58 @@ pub(crate) enum Command {
     /// Publishing starts at `start_ns`; record latencies from `record_from_ns` (after warm-up).
     Publishing { start_ns: u64, record_from_ns: u64 },
     /// Publishing and draining are over: report. `sent[r]` is how many publishes room `r` received from its
-    /// publisher, so the worker can count loss per (room, publisher).
-    Stop { sent: Vec<u64> },
+    /// publisher, so the worker can count loss per (room, publisher). `failover`: what the kills were, so the
+    /// worker can tell their expected cost from loss.
+    Stop {
+        sent: Vec<u64>,
+        #[serde(default)]
+        failover: Option<FailoverFacts>,
+    },
+}
+
+/// What a failover run's kills did, as the workers need it for their accounting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct FailoverFacts {
+    /// Every edge kill, in order (`Resubscribe::kill` indexes this).
+    pub(crate) edge_kills: Vec<EdgeKillFact>,
+    /// Publisher streams cut by an edge kill, per room.
+    pub(crate) segments: Vec<KilledSegment>,
+    /// CLOCK_MONOTONIC ns of the end of the publishing schedule.
+    pub(crate) publish_end_ns: u64,
+}
+
+/// One edge kill.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct EdgeKillFact {
+    /// The node index.
+    pub(crate) node: usize,
+    /// CLOCK_MONOTONIC ns of the SIGKILL.
+    pub(crate) killed_ns: u64,
+    /// When its replacement was up (its listening line), or when the harness gave up restarting it.
+    pub(crate) restarted_ns: u64,
+}
+
+impl FailoverFacts {
+    /// The edge kill that explains a connection to `node` closing at `closed_ns`: the node was dead then (from
+    /// its SIGKILL until its replacement was up, plus a second for the close to be read).
+    pub(crate) fn kill_for_close(&self, node: usize, closed_ns: u64) -> Option<usize> {
+        self.edge_kills.iter().rposition(|k| {
+            k.node == node
+                && k.killed_ns <= closed_ns
+                && closed_ns <= k.restarted_ns + 1_000_000_000
+        })
+    }
+}
+
+/// One subscriber of a killed edge, after that kill.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct Resubscribe {
+    /// Index into [`FailoverFacts::edge_kills`].
+    pub(crate) kill: usize,
+    /// From the SIGKILL to the subscribe acknowledgement on the new connection (µs); `None`: never resubscribed.
+    pub(crate) acked_after_us: Option<u64>,
+    /// From the SIGKILL to the first delivery on the new connection (µs).
+    pub(crate) first_delivery_after_us: Option<u64>,
 }
 
 /// Worker to coordinator.
@@ -90,6 +140,10 @@ pub(crate) struct ConnectReport {
 /// One interval's deliveries.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Tick {
+    /// The second of publishing this tick closes (1 for the first), by the tick's schedule rather than when it
+    /// ran, so a busy worker's late tick still counts in its own second; 0 before publishing.
+    #[serde(default)]
+    pub(crate) second: u64,
     pub(crate) delivered: u64,
     pub(crate) latency: WireHistogram,
 }
@@ -101,7 +155,8 @@ pub(crate) struct FinalReport {
     pub(crate) delivered: u64,
     /// Deliveries to slow consumers and churn connections (not part of loss accounting).
     pub(crate) delivered_other: u64,
-    /// Expected deliveries to stable subscribers that never arrived.
+    /// Expected deliveries to stable subscribers that never arrived (in a failover run: not explained by a kill,
+    /// see `failover_missing`).
     pub(crate) lost: u64,
     /// (room, publisher) streams of stable subscribers with at least one loss.
     pub(crate) streams_with_loss: u64,
@@ -122,4 +177,13 @@ pub(crate) struct FinalReport {
     pub(crate) last_delivery_ns: u64,
     /// The worker's own CPU seconds (user + system).
     pub(crate) cpu_secs: f64,
+    /// Failover: missing deliveries explained by kills (`lost` is 0 there; it stays in `lost` above).
+    #[serde(default)]
+    pub(crate) failover_missing: Missing,
+    /// Failover: every subscriber connection an edge kill cut, and how it came back.
+    #[serde(default)]
+    pub(crate) resubscribes: Vec<Resubscribe>,
+    /// Failover: reconnects after a close that no kill explains.
+    #[serde(default)]
+    pub(crate) unexplained_reconnects: u64,
 }

@@ -1,6 +1,7 @@
 //! The smoke scenario end to end, as `make test` runs it: the real `herald-loadtest` binary starts a real
 //! `herald dev` process, its workers connect and subscribe, the coordinator publishes for a few seconds, and the
-//! run must account for every delivery and write its report files.
+//! run must account for every delivery and write its report files. The failover smoke does the same against a
+//! 3-registry, 3-edge cluster while the harness SIGKILLs the registry leader once and an edge once.
 //!
 //! It needs the `herald` binary of the same cargo profile (target/<profile>/herald), which
 //! `cargo test --workspace` builds; alone, run `cargo build -p herald` first. No timing is asserted: on a shared
@@ -8,8 +9,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 const LOADTEST: &str = env!("CARGO_BIN_EXE_herald-loadtest");
+
+/// The runs take turns: both at once on a 2-core machine would only make each slower.
+static RUNS: Mutex<()> = Mutex::new(());
 
 fn herald_bin() -> PathBuf {
     let dir = Path::new(LOADTEST).parent().expect("binary directory");
@@ -32,6 +37,7 @@ impl Drop for TempDir {
 
 #[test]
 fn smoke_scenario_delivers_everything_and_writes_reports() {
+    let _turn = RUNS.lock().unwrap_or_else(|e| e.into_inner());
     let out =
         TempDir(std::env::temp_dir().join(format!("herald-loadtest-smoke-{}", std::process::id())));
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
@@ -83,6 +89,99 @@ fn smoke_scenario_delivers_everything_and_writes_reports() {
         chart.starts_with(b"\x89PNG\r\n\x1a\n"),
         "chart.png is a PNG"
     );
+}
+
+/// One registry leader kill and one edge kill under light load: every kill happens, the cut clients all come
+/// back, publishers move off the killed edge, and nothing is lost, duplicated or reordered on the live edges.
+/// Correctness only: the failover times are reported, never asserted.
+#[test]
+fn failover_smoke_loses_nothing_on_live_edges() {
+    let _turn = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+    let out = TempDir(
+        std::env::temp_dir().join(format!("herald-loadtest-failover-{}", std::process::id())),
+    );
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/failover-smoke.toml");
+    let output = Command::new(LOADTEST)
+        .arg("run")
+        .arg(&scenario)
+        .arg("--herald-bin")
+        .arg(herald_bin())
+        .arg("--out")
+        .arg(&out.0)
+        .arg("--quiet")
+        .output()
+        .expect("run herald-loadtest");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "herald-loadtest failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let result: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.0.join("result.json")).expect("result.json written"),
+    )
+    .expect("result.json is JSON");
+    assert_eq!(result["passed"], true, "{result:#}");
+    let delivery = &result["delivery"];
+    for key in ["lost", "duplicates", "reordered", "unparsed_or_misrouted"] {
+        assert_eq!(delivery[key], 0, "{key}: {delivery:#}");
+    }
+    let f = &result["failover"];
+    assert_eq!(f["skipped_kills"], 0, "{f:#}");
+    assert_eq!(
+        f["leader_rounds"].as_array().map(Vec::len),
+        Some(1),
+        "{f:#}"
+    );
+    assert!(
+        f["leader_rounds"][0]["write_after_secs"].is_number(),
+        "a registry write committed after the leader kill: {f:#}"
+    );
+    assert_eq!(f["edge_kills"].as_array().map(Vec::len), Some(1), "{f:#}");
+    let cut = f["clients_cut"].as_u64().expect("clients_cut");
+    assert!(cut > 0, "the edge kill cut its subscribers: {f:#}");
+    assert_eq!(f["clients_resubscribed"].as_u64(), Some(cut), "{f:#}");
+    assert_eq!(f["unexplained_reconnects"], 0, "{f:#}");
+    assert!(
+        f["publisher_switches"].as_u64() >= Some(1),
+        "the killed edge's publisher moved: {f:#}"
+    );
+    assert_eq!(f["lost_on_live_edges"], 0, "{f:#}");
+    // Every delivery a publish owed a subscriber (10 per room) is either delivered or explained by a kill.
+    let sent = result["publish"]["sent"].as_u64().expect("sent");
+    let explained = f["reconnect_gap"].as_u64().unwrap() + f["in_flight_at_kill"].as_u64().unwrap();
+    assert_eq!(
+        delivery["delivered"].as_u64().unwrap() + explained,
+        sent * 10,
+        "{result:#}"
+    );
+    let report = std::fs::read_to_string(out.0.join("report.md")).expect("report.md written");
+    assert!(
+        report.contains("| lost on live edges (missing deliveries no kill explains) | 0 |"),
+        "{report}"
+    );
+}
+
+#[test]
+fn failover_against_a_peer_is_not_applicable_not_a_failure() {
+    let out =
+        TempDir(std::env::temp_dir().join(format!("herald-loadtest-na-{}", std::process::id())));
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/failover.toml");
+    // The peer is never started, so this needs no nats-server.
+    let output = Command::new(LOADTEST)
+        .arg("run")
+        .arg(&scenario)
+        .args(["--target", "nats", "--quiet", "--out"])
+        .arg(&out.0)
+        .output()
+        .expect("run herald-loadtest");
+    assert!(output.status.success(), "{output:?}");
+    let report = std::fs::read_to_string(out.0.join("report.md")).expect("report.md written");
+    assert!(report.contains("**Result: not applicable**"), "{report}");
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.0.join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["verdict"], "not applicable");
 }
 
 #[test]

@@ -189,6 +189,12 @@ impl Publisher for GrpcPublisher {
             }],
             data_json: data,
         };
+        // A call that ended (its connection broke: the edge died) may still hold the stream's receiver for a
+        // moment, so check the call first: a failover run's publisher then moves on at its next publish, and a
+        // publish it resends elsewhere was never queued here.
+        if self.call.is_finished() {
+            bail!("the PublishStream call ended early");
+        }
         let sent = self.tx.as_ref().map(|tx| tx.send(request).is_ok());
         if sent != Some(true) {
             bail!("the PublishStream call ended early");
