@@ -34,6 +34,8 @@ pub(crate) struct Servers {
     pub(crate) support: Vec<(String, u32)>,
     /// The key publishers present.
     pub(crate) api_key: Option<String>,
+    /// The private redis-server publishers use when the run publishes through herald's Redis bridge.
+    pub(crate) redis_url: Option<String>,
     children: Vec<Child>,
     temp_dirs: Vec<PathBuf>,
     /// Peer servers, which stop themselves when dropped.
@@ -61,6 +63,11 @@ impl Servers {
             .filter_map(|n| n.pid.map(|p| (n.name.clone(), p)))
             .chain(self.support.iter().cloned())
             .collect()
+    }
+
+    /// Keeps `guard` (a server that stops itself when dropped) until the servers stop.
+    pub(crate) fn keep(&mut self, guard: Box<dyn std::any::Any + Send>) {
+        self.peer_guards.push(guard);
     }
 
     /// Fails if any started process has exited (it would otherwise show up as refused connections).
@@ -122,6 +129,17 @@ pub(crate) fn start_herald(
     registries: usize,
     log_dir: &Path,
 ) -> anyhow::Result<Servers> {
+    start_herald_with(bin, nodes, registries, log_dir, &[])
+}
+
+/// [`start_herald`], with `extra` arguments for every `herald dev` / `herald edge` (e.g. `--config FILE`).
+pub(crate) fn start_herald_with(
+    bin: &Path,
+    nodes: usize,
+    registries: usize,
+    log_dir: &Path,
+    extra: &[String],
+) -> anyhow::Result<Servers> {
     std::fs::create_dir_all(log_dir)
         .with_context(|| format!("cannot create {}", log_dir.display()))?;
     let mut servers = Servers::default();
@@ -139,6 +157,10 @@ pub(crate) fn start_herald(
             "--set",
             "log-level=warn",
         ];
+        let args: Vec<&str> = args
+            .into_iter()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
         let (child, line) = spawn(bin, &args, &log_dir.join("herald-dev.log"))?;
         servers
             .nodes
@@ -210,6 +232,7 @@ pub(crate) fn start_herald(
             "--set".to_owned(),
             "log-level=warn".to_owned(),
         ];
+        let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
         let log = log_dir.join(format!("edge-{i}.log"));
         let (child, line) = spawn(bin, &args, &log)?;
         servers
@@ -245,7 +268,7 @@ pub(crate) fn attach(edges: &[String], pids: &[u32]) -> anyhow::Result<Servers> 
     Ok(servers)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
