@@ -9,15 +9,19 @@
 # (exit 2: servers would not start, workers died) makes the script exit non-zero at the end. The failover
 # scenario applies to herald only: against a peer the harness writes a "not applicable" report and exits 0.
 #
-# Environment: SCENARIOS (default: the six standard ones), TARGETS (default: herald, plus nats/sockudo when
-# their servers are installed), LOADTEST (the harness binary), RESULTS (output root).
+# bridge-redis publishes through herald's Redis bridge, which the peers do not have: it runs against herald alone
+# and the summary says "not applicable" for the other targets.
+#
+# Environment: SCENARIOS (default: the six standard ones and bridge-redis), TARGETS (default: herald, plus
+# nats/sockudo when their servers are installed), LOADTEST (the harness binary), RESULTS (output root).
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 loadtest="${LOADTEST:-target/release/herald-loadtest}"
 results="${RESULTS:-loadtest/results}"
-scenarios="${SCENARIOS:-fanout latency idle-memory connect slow-consumers failover}"
+scenarios="${SCENARIOS:-fanout latency idle-memory connect slow-consumers failover bridge-redis}"
+herald_only=" bridge-redis "
 if [[ -z "${TARGETS:-}" ]]; then
     targets="herald"
     command -v nats-server >/dev/null 2>&1 && targets+=" nats"
@@ -35,6 +39,10 @@ errors=0
 summary=()
 for scenario in $scenarios; do
     for target in $targets; do
+        if [[ $target != herald && $herald_only == *" $scenario "* ]]; then
+            summary+=("$scenario/$target: not applicable (herald's Redis bridge; herald only)")
+            continue
+        fi
         out="$results/$scenario-$target"
         rm -rf "$out"
         echo "=== $scenario against $target -> $out"

@@ -21,6 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
+use crate::bridge::{self, RedisPublisher};
 use crate::driver::herald::{GrpcPublisher, HeraldDriver, HttpPublisher};
 use crate::driver::peers::{NatsPublish, SockudoPublish};
 use crate::driver::{Driver, Incoming, Publisher, SubscriberClient};
@@ -87,6 +88,16 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
         .map_or(0, |d| d.as_secs());
     let mut servers = if opts.attach.is_empty() {
         match opts.target {
+            TargetKind::Herald if opts.publish_api == PublishApi::Redis => {
+                let bin = server::find_herald(opts.herald_bin.as_deref())?;
+                bridge::start_herald(
+                    &bin,
+                    scenario.cluster.nodes,
+                    scenario.cluster.registries,
+                    &opts.out.join("logs"),
+                )
+                .await?
+            }
             TargetKind::Herald => {
                 let bin = server::find_herald(opts.herald_bin.as_deref())?;
                 server::start_herald(
@@ -180,6 +191,10 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
 
     // === publish ===
     let duration = Duration::from_secs_f64(scenario.duration_secs);
+    let bridge_before = match opts.publish_api {
+        PublishApi::Redis => Some(bridge::read_figures(&servers).await?),
+        _ => None,
+    };
     // Publishers connect before the schedule starts, so connection setup never shows up as latency.
     let publishers = connect_publishers(&opts, &servers).await?;
     let publish_start = now_ns() + 100_000_000;
@@ -389,6 +404,13 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
         let _ = p.child.kill().await;
     }
     let slow_final = slow_disconnects(opts.target, &servers).await;
+    let bridge_figures = match &bridge_before {
+        Some(before) => Some(bridge::read_figures(&servers).await?.since(before)),
+        None => None,
+    };
+    if bridge_figures.is_some() {
+        notes.extend(bridge::notes(servers.nodes.len()));
+    }
 
     // === judge ===
     let mut delivery = DeliveryFigures::default();
@@ -581,6 +603,7 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
             (TargetKind::Sockudo, _) => "Pusher HTTP API",
             (TargetKind::Herald, PublishApi::Grpc) => "gRPC",
             (TargetKind::Herald, PublishApi::Http) => "HTTP",
+            (TargetKind::Herald, PublishApi::Redis) => "Redis PUBLISH through herald's bridge",
         }
         .to_owned(),
         started_at,
@@ -603,6 +626,7 @@ pub(crate) async fn run(mut opts: RunOptions) -> anyhow::Result<RunReport> {
         },
         servers: server_usage,
         memory,
+        bridge: bridge_figures,
         harness_cpu_percent: (harness_cpu_end - harness_cpu_start) / elapsed * 100.0,
         timeline,
         failover,
@@ -689,6 +713,9 @@ async fn probe(opts: &RunOptions, servers: &Servers) -> anyhow::Result<()> {
                     ),
                     PublishApi::Http => AnyPublisher::Http(
                         HttpPublisher::connect(node.ws, servers.api_key.as_deref()).await?,
+                    ),
+                    PublishApi::Redis => AnyPublisher::Redis(
+                        RedisPublisher::connect(redis_url(servers)?, false).await?,
                     ),
                 });
             }
@@ -850,6 +877,7 @@ enum AnyPublisher {
     Http(HttpPublisher),
     Nats(NatsPublish),
     Sockudo(SockudoPublish),
+    Redis(RedisPublisher),
 }
 
 impl Publisher for AnyPublisher {
@@ -859,6 +887,7 @@ impl Publisher for AnyPublisher {
             AnyPublisher::Http(p) => p.publish(room, data).await,
             AnyPublisher::Nats(p) => p.publish(room, data).await,
             AnyPublisher::Sockudo(p) => p.publish(room, data).await,
+            AnyPublisher::Redis(p) => p.publish(room, data).await,
         }
     }
 
@@ -868,6 +897,7 @@ impl Publisher for AnyPublisher {
             AnyPublisher::Http(p) => p.finish().await,
             AnyPublisher::Nats(p) => p.finish().await,
             AnyPublisher::Sockudo(p) => p.finish().await,
+            AnyPublisher::Redis(p) => p.finish().await,
         }
     }
 }
@@ -910,6 +940,9 @@ async fn connect_publishers(
             (TargetKind::Herald, PublishApi::Http) => AnyPublisher::Http(
                 HttpPublisher::connect(node.publish, servers.api_key.as_deref()).await?,
             ),
+            (TargetKind::Herald, PublishApi::Redis) => {
+                AnyPublisher::Redis(RedisPublisher::connect(redis_url(servers)?, true).await?)
+            }
         };
         let schedule = Schedule {
             publisher: p as u32,
@@ -923,6 +956,13 @@ async fn connect_publishers(
         handles.push((publisher, schedule));
     }
     Ok(handles)
+}
+
+/// The redis-server of a run that publishes through herald's Redis bridge.
+fn redis_url(servers: &Servers) -> anyhow::Result<&str> {
+    servers.redis_url.as_deref().ok_or_else(|| {
+        anyhow!("publishing through Redis needs the harness to start herald and redis-server")
+    })
 }
 
 struct Schedule {

@@ -9,6 +9,8 @@
 //! - [`payload`]: the measured payload (publisher, sequence, intended send time) and the shared clock.
 //! - [`stats`], [`procstat`]: histograms and stream accounting; RSS/CPU from /proc.
 //! - [`report`], [`chart`]: result.json, report.md, chart.png.
+//! - [`bridge`]: publishing through herald's Redis bridge (`publish.api = "redis"`): a private redis-server,
+//!   the route in a generated herald.yaml, Redis `PUBLISH` clients.
 //! - [`server`]: starting `herald dev` or a registry + edge cluster (or a peer's server), or attaching to running
 //!   nodes; [`peers`]: NATS and Sockudo protocol clients and server starters, used by [`driver`]'s peer drivers.
 //! - [`failover`]: scenario 6, killing registry leaders and edges while publishing, and what that cost.
@@ -16,6 +18,7 @@
 //! Exit status: 0 the run passed its scenario's criteria, 1 it ran but failed them (the reason is printed and in
 //! the report), 2 it could not run (servers would not start, workers died), 64 bad scenario or arguments.
 
+mod bridge;
 mod chart;
 mod coordinator;
 mod driver;
@@ -196,6 +199,13 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("herald-loadtest: with the overrides: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    let publish_api = args.publish_api.unwrap_or(scenario.publish.api);
+    if publish_api == PublishApi::Redis {
+        if let Err(e) = bridge::check_applicable(args.target, !args.edges.is_empty()) {
+            eprintln!("herald-loadtest: {}: {e}", scenario.name);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("loadtest/results").join(format!("{}-{}", scenario.name, args.target.name()))
     });
@@ -220,7 +230,7 @@ fn run(args: RunArgs) -> ExitCode {
         };
     }
     let opts = coordinator::RunOptions {
-        publish_api: args.publish_api.unwrap_or(scenario.publish.api),
+        publish_api,
         scenario,
         target: args.target,
         attach: args.edges,

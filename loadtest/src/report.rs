@@ -28,6 +28,9 @@ pub(crate) struct RunReport {
     pub(crate) slow_consumers: SlowFigures,
     pub(crate) servers: Vec<ServerUsage>,
     pub(crate) memory: MemoryFigures,
+    /// herald's Redis bridge counters over the publishing window, when the run published through Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) bridge: Option<crate::bridge::BridgeFigures>,
     /// The harness's own CPU (coordinator + workers) while publishing, in % of one core.
     pub(crate) harness_cpu_percent: f64,
     pub(crate) timeline: Vec<TimelinePoint>,
@@ -702,6 +705,31 @@ impl RunReport {
                 },
             );
         }
+        if let Some(b) = &self.bridge {
+            row(
+                "herald bridge: messages in / into rooms / not carried",
+                format!(
+                    "{} / {} / {}",
+                    b.messages_in,
+                    b.messages_out,
+                    b.failed_total()
+                ),
+            );
+            if !b.failed.is_empty() {
+                row(
+                    "herald bridge: not carried, by reason",
+                    b.failed
+                        .iter()
+                        .map(|(reason, n)| format!("{reason} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
+            }
+            row(
+                "herald bridge: source restarts (lost Redis subscriptions)",
+                b.source_restarts.to_string(),
+            );
+        }
         row("harness CPU", format!("{:.0}%", self.harness_cpu_percent));
         if let Some(f) = &self.failover {
             failover_markdown(&mut md, f);
@@ -891,6 +919,7 @@ mod tests {
             },
             servers: Vec::new(),
             memory: MemoryFigures::default(),
+            bridge: None,
             harness_cpu_percent: 0.0,
             timeline: Vec::new(),
             failover: None,

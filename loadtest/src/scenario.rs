@@ -141,7 +141,8 @@ impl Default for PublishSpec {
     }
 }
 
-/// The publish API (herald: gRPC `PublishStream` or HTTP `POST /api/v1/publish`; peers use their own).
+/// The publish API (herald: gRPC `PublishStream`, HTTP `POST /api/v1/publish`, or Redis through its bridge;
+/// peers use their own).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum PublishApi {
@@ -150,6 +151,9 @@ pub(crate) enum PublishApi {
     Grpc,
     /// One HTTP/1.1 connection per publisher awaiting each answer (the order guarantee needs that).
     Http,
+    /// `PUBLISH` to a private redis-server that herald's Redis bridge carries into the rooms (herald only; the
+    /// harness starts both: see bridge.rs).
+    Redis,
 }
 
 /// Connection churn while publishing: short-lived clients that connect, subscribe, stay and leave.

@@ -39,6 +39,8 @@ pub(crate) struct Servers {
     /// `registry-{i + 1}` in [`Procs`]); empty otherwise.
     pub(crate) registry: Vec<String>,
     pub(crate) procs: Procs,
+    /// The private redis-server publishers use when the run publishes through herald's Redis bridge.
+    pub(crate) redis_url: Option<String>,
     temp_dirs: Vec<PathBuf>,
     /// Peer servers, which stop themselves when dropped.
     peer_guards: Vec<Box<dyn std::any::Any + Send>>,
@@ -184,6 +186,11 @@ impl Servers {
             .collect()
     }
 
+    /// Keeps `guard` (a server that stops itself when dropped) until the servers stop.
+    pub(crate) fn keep(&mut self, guard: Box<dyn std::any::Any + Send>) {
+        self.peer_guards.push(guard);
+    }
+
     /// Fails if any started process has exited that was not killed on purpose.
     pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         self.procs.check_alive()
@@ -236,6 +243,17 @@ pub(crate) fn start_herald(
     registries: usize,
     log_dir: &Path,
 ) -> anyhow::Result<Servers> {
+    start_herald_with(bin, nodes, registries, log_dir, &[])
+}
+
+/// [`start_herald`], with `extra` arguments for every `herald dev` / `herald edge` (e.g. `--config FILE`).
+pub(crate) fn start_herald_with(
+    bin: &Path,
+    nodes: usize,
+    registries: usize,
+    log_dir: &Path,
+    extra: &[String],
+) -> anyhow::Result<Servers> {
     std::fs::create_dir_all(log_dir)
         .with_context(|| format!("cannot create {}", log_dir.display()))?;
     let mut servers = Servers::default();
@@ -253,6 +271,10 @@ pub(crate) fn start_herald(
             "--set",
             "log-level=warn",
         ];
+        let args: Vec<&str> = args
+            .into_iter()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
         let (child, line) = spawn(bin, &args, &log_dir.join("herald-dev.log"))?;
         servers
             .nodes
@@ -321,6 +343,9 @@ pub(crate) fn start_herald(
             "--set".to_owned(),
             "log-level=warn".to_owned(),
         ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect::<Vec<String>>()
     };
     for i in 0..nodes {
         let name = format!("edge-{i}");
@@ -360,7 +385,7 @@ pub(crate) fn attach(edges: &[String], pids: &[u32]) -> anyhow::Result<Servers> 
     Ok(servers)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

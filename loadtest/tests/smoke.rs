@@ -204,3 +204,88 @@ fn bad_scenarios_exit_64_with_the_reason() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("membrs"), "{stderr}");
 }
+
+/// The smoke scenario published through herald's Redis bridge (`--publish-api redis`): the harness starts a
+/// private `redis-server` (Debian's package, which `scripts/install-test-deps.sh` installs) and herald with a
+/// route from it into the rooms, and every PUBLISH must reach every subscriber of its room exactly once, in order.
+#[test]
+fn smoke_scenario_through_the_redis_bridge_delivers_everything() {
+    assert!(
+        ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .iter()
+            .any(|p| Path::new(p).is_file()),
+        "redis-server is not installed: run scripts/install-test-deps.sh (Debian package redis-server)"
+    );
+    let out = TempDir(std::env::temp_dir().join(format!(
+        "herald-loadtest-smoke-redis-{}",
+        std::process::id()
+    )));
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
+    let output = Command::new(LOADTEST)
+        .arg("run")
+        .arg(&scenario)
+        .args(["--publish-api", "redis"])
+        .arg("--herald-bin")
+        .arg(herald_bin())
+        .arg("--out")
+        .arg(&out.0)
+        .arg("--quiet")
+        .output()
+        .expect("run herald-loadtest");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "herald-loadtest failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let result: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.0.join("result.json")).expect("result.json written"),
+    )
+    .expect("result.json is JSON");
+    assert_eq!(result["passed"], true, "{result:#}");
+    assert_eq!(
+        result["publish_api"], "Redis PUBLISH through herald's bridge",
+        "{result:#}"
+    );
+    let delivery = &result["delivery"];
+    for key in ["lost", "duplicates", "reordered", "unparsed_or_misrouted"] {
+        assert_eq!(delivery[key], 0, "{key}: {delivery:#}");
+    }
+    let sent = result["publish"]["sent"].as_u64().expect("sent");
+    assert!(sent > 0);
+    assert_eq!(result["publish"]["accepted"].as_u64(), Some(sent));
+    assert_eq!(delivery["delivered"].as_u64(), Some(sent * 10));
+    // herald's own counters agree: every PUBLISH of the run (not the probe's) went in and out of the route.
+    let bridge = &result["bridge"];
+    assert_eq!(bridge["messages_in"].as_u64(), Some(sent), "{bridge:#}");
+    assert_eq!(bridge["messages_out"].as_u64(), Some(sent), "{bridge:#}");
+    assert_eq!(bridge["failed"], serde_json::json!([]), "{bridge:#}");
+    assert_eq!(bridge["source_restarts"], 0, "{bridge:#}");
+    let servers: Vec<&str> = result["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(servers.contains(&"redis-server"), "{servers:?}");
+    let report = std::fs::read_to_string(out.0.join("report.md")).expect("report.md written");
+    assert!(
+        report.contains("| herald bridge: messages in / into rooms / not carried |"),
+        "{report}"
+    );
+}
+
+#[test]
+fn the_redis_bridge_is_not_applicable_to_peers() {
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/bridge-redis.toml");
+    let output = Command::new(LOADTEST)
+        .arg("run")
+        .arg(&scenario)
+        .args(["--target", "nats", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not applicable to nats"), "{stderr}");
+}
