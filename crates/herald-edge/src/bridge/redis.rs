@@ -68,8 +68,13 @@ impl RedisSink {
     /// Connects.
     pub(crate) async fn connect(spec: &RedisSpec) -> Result<RedisSink, String> {
         let client = client(spec)?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection()).await
-        {
+        // The crate's own reply timeout (500 ms by default) would fail a PUBLISH long before ours: a busy Redis
+        // is not a broken one.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(PUBLISH_TIMEOUT));
+        let connect = client.get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(connection)) => Ok(RedisSink { connection }),
             Ok(Err(e)) => Err(format!("redis connect: {e}")),
             Err(_) => Err(format!(
