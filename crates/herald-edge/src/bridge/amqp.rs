@@ -47,26 +47,14 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest exchange, queue or routing key AMQP can carry (a `shortstr`).
 pub const MAX_NAME_BYTES: usize = 255;
 
-/// The type of an AMQP exchange: how it matches a message's routing key against its queues' binding keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ExchangeKind {
-    /// The routing key must equal the binding key (`*` and `#` are plain characters here).
-    Direct,
-    /// Dotted routing keys; in a binding key `*` matches one word and `#` any number of words.
-    #[default]
-    Topic,
-    /// Every bound queue gets every message; routing keys are ignored.
-    Fanout,
-}
+/// The type of an AMQP exchange (the route table's: one definition for config, registry and this module).
+pub use herald_routes::ExchangeKind;
 
-impl ExchangeKind {
-    fn to_lapin(self) -> lapin::ExchangeKind {
-        match self {
-            ExchangeKind::Direct => lapin::ExchangeKind::Direct,
-            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
-            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
-        }
+fn to_lapin(kind: ExchangeKind) -> lapin::ExchangeKind {
+    match kind {
+        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
     }
 }
 
@@ -353,7 +341,7 @@ async fn open(endpoint: &AmqpEndpoint, name: String) -> Result<(Connection, Chan
     channel
         .exchange_declare(
             endpoint.exchange.as_str().into(),
-            endpoint.exchange_kind.to_lapin(),
+            to_lapin(endpoint.exchange_kind),
             ExchangeDeclareOptions {
                 passive,
                 durable: endpoint.durable,

@@ -910,11 +910,7 @@ fn amqp_endpoint(spec: &herald_routes::AmqpSpec) -> amqp::AmqpEndpoint {
     amqp::AmqpEndpoint {
         url: resolved.url,
         exchange: resolved.exchange,
-        exchange_kind: match resolved.exchange_kind {
-            herald_routes::ExchangeKind::Direct => amqp::ExchangeKind::Direct,
-            herald_routes::ExchangeKind::Topic => amqp::ExchangeKind::Topic,
-            herald_routes::ExchangeKind::Fanout => amqp::ExchangeKind::Fanout,
-        },
+        exchange_kind: resolved.exchange_kind,
         routing_key: resolved.routing_key,
         queue: resolved.queue,
         durable: resolved.durable,
