@@ -952,6 +952,16 @@ async fn a_node_without_a_registry_changes_its_own_routes_through_its_admin_api(
         list["routes"]["audit"],
         json!({"from": "audited", "to": ["backend"]})
     );
+    // A route back into the rooms it reads from would loop every message: refused with the path.
+    let echo = json!({"kind": "room", "room": {"audit": "{audit}"}}).to_string();
+    assert!(ctl(&["routes", "put-endpoint", "echo", &echo]).status.success());
+    let cycle = ctl(&["routes", "add", "loop", "--from", "audited", "--to", "echo"]);
+    assert_eq!(cycle.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&cycle.stderr).contains("routes form a cycle: loop -> loop"),
+        "{}",
+        String::from_utf8_lossy(&cycle.stderr)
+    );
 
     let publish = |data: &str| {
         let url = format!("http://{}/api/v1/publish", node.field("http"));
