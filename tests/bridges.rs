@@ -954,7 +954,9 @@ async fn a_node_without_a_registry_changes_its_own_routes_through_its_admin_api(
     );
     // A route back into the rooms it reads from would loop every message: refused with the path.
     let echo = json!({"kind": "room", "room": {"audit": "{audit}"}}).to_string();
-    assert!(ctl(&["routes", "put-endpoint", "echo", &echo]).status.success());
+    assert!(ctl(&["routes", "put-endpoint", "echo", &echo])
+        .status
+        .success());
     let cycle = ctl(&["routes", "add", "loop", "--from", "audited", "--to", "echo"]);
     assert_eq!(cycle.status.code(), Some(64));
     assert!(
