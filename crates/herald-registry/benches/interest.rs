@@ -24,7 +24,10 @@
 //! Environment: `HERALD_BENCH_SECS` (measured seconds, default 10), `HERALD_BENCH_WARMUP_SECS` (default 2),
 //! `HERALD_BENCH_EDGES` (default 64), `HERALD_BENCH_K` (comma-separated changes per update for saturation runs,
 //! default `1,16`; empty for none), `HERALD_BENCH_RATES` (comma-separated offered changes/s, default `50000`;
-//! empty for none), `HERALD_BENCH_PATH` (`stream`, the default, or `unary`).
+//! empty for none), `HERALD_BENCH_PATH` (`stream`, the default, or `unary`), `HERALD_BENCH_MEMBERS` (`separate`,
+//! the default: each member on its own runtime, as separate processes would be; `shared`: members and clients on
+//! one runtime, the form of the earliest figures), `HERALD_BENCH_IN_FLIGHT` (the leader's interest proposals in
+//! flight). Before the loads it measures one idle raft entry at a time, the floor under every latency here.
 //! Without `--bench` (as `cargo test --all-targets` runs it) it does a one-second smoke run of each kind.
 
 use std::collections::BTreeMap;
@@ -71,6 +74,7 @@ struct Settings {
     edges: usize,
     loads: Vec<Load>,
     path: Path,
+    members: Members,
 }
 
 impl Settings {
@@ -116,6 +120,11 @@ impl Settings {
             Ok("stream") | Err(_) => Path::Stream,
             Ok(other) => panic!("HERALD_BENCH_PATH={other:?}: expected stream or unary"),
         };
+        let members = match std::env::var("HERALD_BENCH_MEMBERS").as_deref() {
+            Ok("separate") | Err(_) => Members::Separate,
+            Ok("shared") => Members::Shared,
+            Ok(other) => panic!("HERALD_BENCH_MEMBERS={other:?}: expected separate or shared"),
+        };
         Settings {
             warmup: secs("HERALD_BENCH_WARMUP_SECS", warmup),
             measure: secs("HERALD_BENCH_SECS", measure),
@@ -125,6 +134,7 @@ impl Settings {
                 .unwrap_or(64),
             loads,
             path,
+            members,
         }
     }
 }
@@ -133,19 +143,37 @@ impl Settings {
 struct Cluster {
     members: BTreeMap<NodeId, RegistryHandle>,
     addrs: Vec<String>,
+    /// Each member's own runtime when members run apart from the clients (see [`Members`]).
+    runtimes: Vec<tokio::runtime::Runtime>,
     _dirs: Vec<TempDir>,
 }
 
+/// Where the members' tasks run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Members {
+    /// Each member on its own multi-threaded runtime (its own worker threads), as three `herald registry`
+    /// processes would be: the kernel schedules members and clients, and a member's raft tasks do not queue
+    /// behind 64 clients' tasks in one scheduler.
+    Separate,
+    /// Members and clients share the bench's one runtime (the form of the earlier figures).
+    Shared,
+}
+
 impl Cluster {
-    async fn start() -> Cluster {
+    async fn start(placement: Members) -> Cluster {
         let mut listeners = BTreeMap::new();
         let mut peers = BTreeMap::new();
         for id in 1..=3 {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            // A std listener, so it can be registered with whichever runtime the member runs on.
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener
+                .set_nonblocking(true)
+                .expect("non-blocking listener");
             peers.insert(id, listener.local_addr().unwrap().to_string());
             listeners.insert(id, listener);
         }
         let mut members = BTreeMap::new();
+        let mut runtimes = Vec::new();
         let mut dirs = Vec::new();
         for (id, listener) in listeners {
             let dir = tempfile::tempdir().expect("temp dir");
@@ -161,15 +189,31 @@ impl Cluster {
                 config.interest_proposals_in_flight =
                     n.parse().expect("HERALD_BENCH_IN_FLIGHT is a number");
             }
-            let handle = herald_registry::start(config, listener)
-                .await
-                .expect("member starts");
+            let start = async move {
+                let listener = TcpListener::from_std(listener).expect("tokio listener");
+                herald_registry::start(config, listener).await
+            };
+            let handle = match placement {
+                Members::Shared => start.await,
+                Members::Separate => {
+                    let runtime = tokio::runtime::Builder::new_multi_thread()
+                        .thread_name(format!("member-{id}"))
+                        .enable_all()
+                        .build()
+                        .expect("member runtime");
+                    let started = runtime.spawn(start);
+                    runtimes.push(runtime);
+                    started.await.expect("member start task")
+                }
+            }
+            .expect("member starts");
             members.insert(id, handle);
             dirs.push(dir);
         }
         Cluster {
             members,
             addrs: peers.into_values().collect(),
+            runtimes,
             _dirs: dirs,
         }
     }
@@ -190,6 +234,10 @@ impl Cluster {
     async fn shutdown(self) {
         for (_, member) in self.members {
             member.shutdown().await.expect("member stops cleanly");
+        }
+        for runtime in self.runtimes {
+            // Dropping a runtime blocks, which an async context must not do.
+            runtime.shutdown_background();
         }
     }
 }
@@ -402,7 +450,7 @@ struct Row {
 }
 
 async fn run_once(settings: &Settings, load: Load) -> Row {
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(settings.members).await;
     let setup = async {
         let leader = cluster.leader().await;
         let registrar = cluster.client();
@@ -491,6 +539,29 @@ async fn run_once(settings: &Settings, load: Load) -> Row {
     }
 }
 
+/// The latency of one raft entry with nothing else going on: the leader proposes an empty interest batch, waits
+/// for it to commit and apply, pauses 10 ms, and again. This is the chain every update rides (leader append and
+/// fsync, replication to the followers, their fsyncs, commit, apply), without the clients and their queueing.
+async fn idle_entry_latency(placement: Members, samples: usize) -> Percentiles {
+    let cluster = Cluster::start(placement).await;
+    let leader = cluster.leader().await;
+    let mut latencies = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        leader
+            .raft()
+            .client_write(herald_registry::Request::Interest {
+                changes: Vec::new().into(),
+            })
+            .await
+            .expect("an empty interest batch commits");
+        latencies.push(micros(started.elapsed()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.shutdown().await;
+    Percentiles::of(latencies)
+}
+
 fn ms(us: u32) -> String {
     format!("{:.2} ms", f64::from(us) / 1000.0)
 }
@@ -503,12 +574,23 @@ fn main() {
         .build()
         .expect("tokio runtime");
     println!(
-        "registry interest bench: 3 members in-process, {} edges over the {:?} path, warm-up {:?}, measured {:?}, {} worker threads",
+        "registry interest bench: 3 members in-process ({:?} runtimes), {} edges over the {:?} path, warm-up {:?}, measured {:?}, {} worker threads each",
+        settings.members,
         settings.edges,
         settings.path,
         settings.warmup,
         settings.measure,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    // The floor under every figure below: one empty entry at a time through an idle cluster.
+    let samples = if full { 300 } else { 20 };
+    let idle = runtime.block_on(idle_entry_latency(settings.members, samples));
+    println!(
+        "idle raft entry (leader's client_write of an empty interest batch, one at a time, {samples} samples): p50 {} p90 {} p99 {} max {}",
+        ms(idle.p50),
+        ms(idle.p90),
+        ms(idle.p99),
+        ms(idle.max)
     );
     let mut rows = Vec::new();
     for &load in &settings.loads {
