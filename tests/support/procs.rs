@@ -16,13 +16,28 @@ impl Proc {
     /// Starts `herald` and waits for its first stdout line, the `herald listening: ...` line every role prints
     /// once its listeners are bound.
     pub fn spawn(args: &[String]) -> Proc {
+        Proc::spawn_with(args, &[], None)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (after the defaults, so they can override
+    /// `RUST_LOG`), and stderr (the logs) written to `stderr` instead of discarded.
+    pub fn spawn_with(
+        args: &[String],
+        env: &[(&str, String)],
+        stderr: Option<&std::path::Path>,
+    ) -> Proc {
+        let stderr = match stderr {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+            None => Stdio::null(),
+        };
         let mut child = Command::new(HERALD)
             .args(args)
             .env("RUST_LOG", "warn")
             // Several nodes share this machine: each takes a free admin port (printed as `admin=`).
             .env("HERALD_ADMIN_PORT", "0")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start herald");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());

@@ -42,6 +42,8 @@ pub struct Config {
     pub rpc: RpcConfig,
     /// The admin API (`herald ctl status`): its own listener, loopback by default.
     pub admin: AdminConfig,
+    /// OpenTelemetry trace export (off unless an endpoint is set here or in `OTEL_EXPORTER_OTLP_*`).
+    pub telemetry: TelemetryConfig,
     /// Bridge endpoints by name: rooms, Redis channels, AMQP exchanges, webhooks (see the README's "Routes and
     /// bridges"). Not settable from the environment: they are structured.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -66,6 +68,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             rpc: RpcConfig::default(),
             admin: AdminConfig::default(),
+            telemetry: TelemetryConfig::default(),
             endpoints: BTreeMap::new(),
             routes: BTreeMap::new(),
         }
@@ -138,6 +141,28 @@ impl Default for AdminConfig {
             host: "127.0.0.1".into(),
             port: 7073,
             token: String::new(),
+        }
+    }
+}
+
+/// Where traces go. The standard `OTEL_*` environment variables win over these (see `herald_telemetry`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`. Empty: no spans are built or exported.
+    pub otlp_endpoint: String,
+    /// `service.name` of exported spans (`OTEL_SERVICE_NAME` wins).
+    pub service_name: String,
+    /// Share of new traces sampled, 0.0 to 1.0; a trace continued from a caller follows the caller's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: String::new(),
+            service_name: "herald".into(),
+            sample_ratio: 1.0,
         }
     }
 }
@@ -453,6 +478,19 @@ impl Config {
                 self.log_format
             ));
         }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return invalid(format!(
+                "telemetry.sample-ratio must be between 0.0 and 1.0, not {}",
+                self.telemetry.sample_ratio
+            ));
+        }
+        let endpoint = &self.telemetry.otlp_endpoint;
+        // No TLS client is built in: a collector is reached in plain text, typically a local agent or sidecar.
+        if !endpoint.is_empty() && !endpoint.starts_with("http://") {
+            return invalid(format!(
+                "telemetry.otlp-endpoint must be an http:// URL (no TLS client is built in), not {endpoint:?}"
+            ));
+        }
         if !self.auth.api_url.is_empty() && !self.auth.api_url.starts_with("http://") {
             return invalid(format!(
                 "auth.api-url must be an http:// URL, not {:?}",
@@ -604,6 +642,9 @@ pub struct Setting {
 
 /// One line per setting for the reference table; a unit test keeps it complete.
 const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("telemetry.otlp-endpoint", "OTLP/gRPC collector for traces, e.g. `http://127.0.0.1:4317`; empty: tracing off (`OTEL_EXPORTER_OTLP_ENDPOINT` wins)."),
+    ("telemetry.service-name", "`service.name` of exported spans (`OTEL_SERVICE_NAME` wins)."),
+    ("telemetry.sample-ratio", "Share of new traces sampled (0.0-1.0); continued traces follow the caller's sampling decision."),
     ("admin.enabled", "Whether the admin API (`herald ctl status`) listens."),
     ("admin.host", "Address the admin API binds; keep it on loopback or a private network."),
     ("admin.port", "Port of the admin API (0: any free port)."),

@@ -14,10 +14,12 @@ use tonic::{Request, Response, Status, Streaming};
 use herald_proto::v1::publisher_server::Publisher;
 use herald_proto::v1::{scalar, target, PublishReply, PublishRequest, PublishStreamReply};
 use herald_protocol::Room;
+use herald_telemetry::Parent;
 
 use crate::hub::{PublishOutcome, Target};
 use crate::publish::PublishError;
 use crate::server::State;
+use crate::trace::PublishTrace;
 
 /// The gRPC publish service.
 #[derive(Debug, Clone)]
@@ -54,10 +56,17 @@ impl PublisherService {
         error.to_status()
     }
 
-    fn apply(&self, request: PublishRequest) -> Result<PublishOutcome, Status> {
+    /// Publishes one request, in a span continuing `parent` (the call's `traceparent` metadata).
+    fn apply(
+        &self,
+        request: PublishRequest,
+        parent: Option<Parent>,
+    ) -> Result<PublishOutcome, Status> {
+        let trace = PublishTrace::start("grpc", parent);
+        let _entered = trace.span().enter();
         let (targets, data) = convert(request, self.state.config.limits.max_rooms_per_publish)
             .map_err(|e| self.refuse(e))?;
-        let outcome = self.state.publish(&targets, data);
+        let outcome = self.state.publish_traced(&targets, data, &trace);
         self.state.metrics.publishes.inc("grpc");
         Ok(outcome)
     }
@@ -122,7 +131,8 @@ impl Publisher for PublisherService {
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishReply>, Status> {
         self.authenticate(&request)?;
-        let outcome = self.apply(request.into_inner())?;
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
+        let outcome = self.apply(request.into_inner(), parent)?;
         Ok(Response::new(PublishReply {
             subscriptions_reached: outcome.subscriptions_reached,
             connections_reached: outcome.connections_reached,
@@ -134,10 +144,12 @@ impl Publisher for PublisherService {
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<PublishStreamReply>, Status> {
         self.authenticate(&request)?;
+        // The stream's context is the parent of each publish on it: one trace per publish.
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
         let mut stream = request.into_inner();
         let mut reply = PublishStreamReply::default();
         while let Some(message) = stream.next().await {
-            let outcome = self.apply(message?)?;
+            let outcome = self.apply(message?, parent.clone())?;
             reply.published += 1;
             reply.subscriptions_reached += outcome.subscriptions_reached;
             reply.connections_reached += outcome.connections_reached;

@@ -20,11 +20,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use tracing::Instrument;
 
 use crate::auth::ApiKeys;
 use crate::hub::Target;
 use crate::publish::{parse_room_targets, PublishError};
 use crate::server::State;
+use crate::trace::PublishTrace;
 
 type Body = Full<Bytes>;
 
@@ -146,6 +148,7 @@ fn count_error(state: &State, error: &PublishError) {
 
 /// `POST /trigger/`: High-templar 2.x's publish, with its plain-text answers.
 async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Response<Body> {
+    let trace = PublishTrace::from_headers("trigger", request.headers());
     let result = async {
         let fields = PublishFields::read(&state, request).await?;
         // High-templar 2.x checks rooms before data, and so do its answers.
@@ -154,10 +157,12 @@ async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
         let targets = parse_room_targets(&rooms, state.config.limits.max_rooms_per_publish)?;
         Ok::<_, PublishError>((targets, data))
     }
+    .instrument(trace.span().clone())
     .await;
+    let _entered = trace.span().enter();
     match result {
         Ok((targets, data)) => {
-            state.publish(&targets, data);
+            state.publish_traced(&targets, data, &trace);
             state.metrics.publishes.inc("trigger");
             text(StatusCode::OK, "publish success")
         }
@@ -175,6 +180,7 @@ async fn trigger(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
 
 /// `POST /api/v1/publish`: `{"rooms":[...], "users":[...], "connections":[...], "all": bool, "data": ...}`.
 async fn publish(state: Arc<State>, request: hyper::Request<Incoming>) -> Response<Body> {
+    let trace = PublishTrace::from_headers("http", request.headers());
     let result = async {
         let fields = PublishFields::read(&state, request).await?;
         let data = fields.data()?;
@@ -219,10 +225,12 @@ async fn publish(state: Arc<State>, request: hyper::Request<Incoming>) -> Respon
         }
         Ok((targets, data))
     }
+    .instrument(trace.span().clone())
     .await;
+    let _entered = trace.span().enter();
     match result {
         Ok((targets, data)) => {
-            let outcome = state.publish(&targets, data);
+            let outcome = state.publish_traced(&targets, data, &trace);
             state.metrics.publishes.inc("http");
             json_response(
                 StatusCode::OK,

@@ -38,6 +38,7 @@ pub mod publish;
 pub mod registry_link;
 mod rpc;
 pub mod server;
+mod trace;
 mod ws;
 
 pub use config::Config;

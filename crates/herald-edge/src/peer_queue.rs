@@ -27,6 +27,8 @@ pub struct Forward {
     pub all: bool,
     /// The data as published.
     pub data: Bytes,
+    /// The W3C trace context the forward continues (see [`crate::trace`]), when there is one.
+    pub traceparent: Option<Arc<str>>,
 }
 
 /// A bounded FIFO of forwards for one peer.
@@ -113,6 +115,7 @@ mod tests {
             users: Arc::from([]),
             connections: Arc::from([]),
             all: false,
+            traceparent: None,
             data: Bytes::from(vec![n]),
         }
     }

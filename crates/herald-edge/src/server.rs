@@ -39,6 +39,7 @@ use crate::interest::InterestTracker;
 use crate::metrics::Metrics;
 use crate::peer::{Cluster, ClusterNode};
 use crate::registry_link::RegistryLink;
+use crate::trace::{destination_template, Operation, PublishTrace};
 
 /// How long open gRPC streams get to finish after the listeners stop.
 const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -124,12 +125,41 @@ impl State {
     /// Delivers a publish locally, then (in a cluster) queues it for the peer edges that want it, then hands it
     /// to the routes whose room pattern it matches. What every publish API and every bridge calls: this is
     /// where a message enters the cluster. None of the steps waits on a subscriber, a peer or a broker.
-    pub(crate) fn publish(&self, targets: &[Target], data: Bytes) -> PublishOutcome {
-        let outcome = self.hub.publish(targets, data.clone());
-        if let Some(cluster) = &self.cluster {
-            cluster.forward(targets, &data);
-        }
-        self.bridges.on_publish(self, targets, &data);
+    ///
+    /// It runs as part of `trace` (see [`crate::trace`]; [`PublishTrace::none`] for none): local delivery and
+    /// the forward to peers are its child spans, and the forward and bridge envelopes carry its context on.
+    pub(crate) fn publish_traced(
+        &self,
+        targets: &[Target],
+        data: Bytes,
+        trace: &PublishTrace,
+    ) -> PublishOutcome {
+        let template = if trace.span().is_none() {
+            String::new()
+        } else {
+            let template = destination_template(targets);
+            trace.destination(&template);
+            template
+        };
+        let process = trace.child(Operation::Process, &template);
+        let outcome = process.in_scope(|| self.hub.publish(targets, data.clone()));
+        process.record(
+            "herald.subscriptions_reached",
+            outcome.subscriptions_reached,
+        );
+        drop(process);
+        let forwarded_with = self.cluster.as_ref().and_then(|cluster| {
+            let send = trace.child(Operation::Send, &template);
+            let traceparent = trace.traceparent_from(&send);
+            let peers = cluster.forward(targets, &data, traceparent.as_deref());
+            send.record("herald.peers", peers);
+            traceparent
+        });
+        // Bridges continue the forward's context, or the ingress span's on a single node; worked out only when a
+        // room route matches.
+        self.bridges.on_publish(self, targets, &data, || {
+            forwarded_with.or_else(|| trace.traceparent_from(trace.span()))
+        });
         outcome
     }
 

@@ -78,6 +78,13 @@ struct RegistryArgs {
     /// Log filter.
     #[arg(long, env = "HERALD_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// `text` or `json` (one object per line).
+    #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// OTLP/gRPC collector for traces (registry writes, elections), e.g. `http://127.0.0.1:4317`; the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` wins.
+    #[arg(long, env = "HERALD_TELEMETRY_OTLP_ENDPOINT", default_value = "")]
+    otlp_endpoint: String,
 }
 
 impl RegistryArgs {
@@ -213,13 +220,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(&config);
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(serve(config))
+    let telemetry = match init_telemetry(
+        &runtime,
+        herald_telemetry::TelemetryConfig {
+            log_level: config.log_level.clone(),
+            log_format: config.log_format.clone(),
+            otlp_endpoint: config.telemetry.otlp_endpoint.clone(),
+            service_name: config.telemetry.service_name.clone(),
+            instance: config.cluster.edge_id.clone(),
+            sample_ratio: config.telemetry.sample_ratio,
+        },
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(code) => return code,
+    };
+    let code = runtime.block_on(serve(config));
+    // The spans of the drain's last publishes are still buffered.
+    runtime.block_on(async { telemetry.shutdown() });
+    code
 }
 
 fn registry(args: &RegistryArgs) -> ExitCode {
@@ -230,12 +252,25 @@ fn registry(args: &RegistryArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(&args.log_level, "text");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
+    let telemetry = match init_telemetry(
+        &runtime,
+        herald_telemetry::TelemetryConfig {
+            log_level: args.log_level.clone(),
+            log_format: args.log_format.clone(),
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            service_name: "herald-registry".into(),
+            instance: format!("registry-{}", config.node_id),
+            ..Default::default()
+        },
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(code) => return code,
+    };
+    let code = runtime.block_on(async {
         let listener = match TcpListener::bind(&args.listen).await {
             Ok(listener) => listener,
             Err(e) => {
@@ -256,24 +291,21 @@ fn registry(args: &RegistryArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    });
+    runtime.block_on(async { telemetry.shutdown() });
+    code
+}
+
+/// Logs, and traces when configured. Inside `runtime`, which the OTLP exporter's gRPC connection belongs to.
+fn init_telemetry(
+    runtime: &tokio::runtime::Runtime,
+    config: herald_telemetry::TelemetryConfig,
+) -> Result<herald_telemetry::Telemetry, ExitCode> {
+    let _entered = runtime.enter();
+    herald_telemetry::init(&config).map_err(|e| {
+        eprintln!("herald: {e}");
+        ExitCode::from(EXIT_CONFIG)
     })
-}
-
-fn init_tracing(config: &Config) {
-    init_logging(&config.log_level, &config.log_format);
-}
-
-fn init_logging(level: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn serve(mut config: Config) -> ExitCode {

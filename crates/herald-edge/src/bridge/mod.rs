@@ -48,6 +48,7 @@ use herald_routes::{Endpoint, Route, RouteTable};
 use crate::hub::Target;
 use crate::metrics::Counter;
 use crate::server::State;
+use crate::trace::PublishTrace;
 
 use self::supervisor::{Supervisor, TaskFuture};
 
@@ -367,11 +368,19 @@ impl Bridges {
     }
 
     /// Sends a publish that entered the cluster here through every route whose room pattern it matches.
-    pub(crate) fn on_publish(&self, state: &State, targets: &[Target], data: &Bytes) {
+    pub(crate) fn on_publish(
+        &self,
+        state: &State,
+        targets: &[Target],
+        data: &Bytes,
+        traceparent: impl FnOnce() -> Option<String>,
+    ) {
         let active = self.active.read().clone();
         if active.room_routes.is_empty() {
             return;
         }
+        let mut traceparent = Some(traceparent);
+        let mut context = None;
         for route in &active.room_routes {
             let Some(pattern) = &route.pattern else {
                 continue;
@@ -380,11 +389,14 @@ impl Bridges {
                 if let Target::Room(room) = target {
                     if room.matches(pattern) {
                         route.counters.messages_in.inc();
+                        if let Some(traceparent) = traceparent.take() {
+                            context = traceparent();
+                        }
                         let message = BridgeMessage {
                             rooms: vec![room.clone()],
                             data: data.clone(),
                             channel: None,
-                            traceparent: None,
+                            traceparent: context.clone(),
                         };
                         self.dispatch(state, route, &message);
                     }
@@ -462,7 +474,16 @@ impl Bridges {
                         continue;
                     }
                     let targets: Vec<Target> = rooms.into_iter().map(Target::Room).collect();
-                    state.publish(&targets, message.data.clone());
+                    // A message from a source is a publish of its own, continuing the envelope's trace.
+                    let trace = PublishTrace::start(
+                        "bridge",
+                        message
+                            .traceparent
+                            .as_deref()
+                            .and_then(herald_telemetry::parse_traceparent),
+                    );
+                    let _entered = trace.span().enter();
+                    state.publish_traced(&targets, message.data.clone(), &trace);
                     destination.delivered.inc();
                 }
                 (endpoint, Some(queue)) => {

@@ -581,6 +581,11 @@ fn next_batch(
             users: forward.users.to_vec(),
             connections: forward.connections.to_vec(),
             all: forward.all,
+            traceparent: forward
+                .traceparent
+                .as_deref()
+                .unwrap_or_default()
+                .to_owned(),
         });
     }
     ForwardBatch {
@@ -597,7 +602,8 @@ fn encoded_size(forward: &Forward) -> usize {
         .chain(forward.users.iter())
         .chain(forward.connections.iter());
     let (count, text) = strings.fold((0, 0), |(n, len), s| (n + 1, len + s.len()));
-    forward.data.len() + text + 11 * (count + 4)
+    let traceparent = forward.traceparent.as_deref().map_or(0, str::len);
+    forward.data.len() + text + traceparent + 11 * (count + 5)
 }
 
 #[cfg(test)]
@@ -611,6 +617,7 @@ mod tests {
             users: Arc::from([]),
             connections: Arc::from([]),
             all: false,
+            traceparent: None,
             data: Bytes::copy_from_slice(data.as_bytes()),
         }
     }

@@ -115,7 +115,7 @@ impl Cluster {
 
     /// Queues a publish that was just delivered locally for every peer edge that wants it; returns how many peers
     /// it was queued for. Never waits (see [`PeerLinks::push`]).
-    pub fn forward(&self, targets: &[Target], data: &Bytes) -> usize {
+    pub fn forward(&self, targets: &[Target], data: &Bytes, traceparent: Option<&str>) -> usize {
         let rooms: Vec<&Room> = targets
             .iter()
             .filter_map(|t| match t {
@@ -159,6 +159,7 @@ impl Cluster {
             connections: connections.into(),
             all,
             data: data.clone(),
+            traceparent: traceparent.map(Arc::from),
         };
         let mut queued = 0;
         for (peer, addr) in &peers {

@@ -25,6 +25,7 @@ use herald_registry::grpc::{ClusterSecret, SecretCheck};
 use crate::hub::Target;
 use crate::metrics::Metrics;
 use crate::server::State;
+use crate::trace::{destination_template, forwarded_process_span};
 
 /// The peer service as served: behind the cluster secret.
 pub(crate) type PeerServer = InterceptedService<PeerInternalServer<PeerService>, SecretCheck>;
@@ -71,10 +72,25 @@ impl PeerInternal for PeerService {
 /// Delivers one batch in order and acknowledges it.
 fn deliver(state: &State, batch: ForwardBatch) -> ForwardAck {
     let mut ack = ForwardAck::default();
-    for publish in batch.publishes {
+    for mut publish in batch.publishes {
         let seq = publish.seq;
+        let traceparent = std::mem::take(&mut publish.traceparent);
         let (targets, data) = targets(publish, &batch.origin_edge, &state.metrics);
-        let outcome = state.hub.publish(&targets, data);
+        // This edge's delivery span, joining the publish's trace (nothing unless spans are exported).
+        let span = if traceparent.is_empty() {
+            tracing::Span::none()
+        } else {
+            forwarded_process_span(
+                &traceparent,
+                &destination_template(&targets),
+                &batch.origin_edge,
+            )
+        };
+        let outcome = span.in_scope(|| state.hub.publish(&targets, data));
+        span.record(
+            "herald.subscriptions_reached",
+            outcome.subscriptions_reached,
+        );
         state.metrics.peer_forwards_received.inc();
         ack.through_seq = seq;
         ack.subscriptions_reached += outcome.subscriptions_reached;
@@ -129,6 +145,7 @@ mod tests {
             users: vec!["u".into()],
             connections: vec!["c".into()],
             all: true,
+            traceparent: String::new(),
         };
         let (targets, data) = targets(publish, "origin", &metrics);
         assert_eq!(metrics.peer_malformed_rooms.get(), 3);
