@@ -139,17 +139,26 @@ struct Nodes {
 fn start_nodes(endpoint: &str) -> Nodes {
     let data = Dir::new("tracing");
     let port = free_port();
-    let registry = Proc::spawn(&[
-        "registry".into(),
-        "--node-id".into(),
-        "1".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--data-dir".into(),
-        data.0.join("r1").display().to_string(),
-        "--cluster-secret".into(),
-        SECRET.into(),
-    ]);
+    let registry = Proc::spawn_with(
+        &[
+            "registry".into(),
+            "--node-id".into(),
+            "1".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            data.0.join("r1").display().to_string(),
+            "--cluster-secret".into(),
+            SECRET.into(),
+            "--otlp-endpoint".into(),
+            endpoint.into(),
+        ],
+        &[
+            ("RUST_LOG", "info".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ],
+        None,
+    );
     let mut edges = Vec::new();
     let mut logs = Vec::new();
     for name in ["edge-a", "edge-b"] {
@@ -352,6 +361,54 @@ async fn log_lines_inside_a_publish_carry_its_trace_id() {
         assert!(
             Instant::now() < deadline,
             "no `publish refused` line in the JSON logs:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_writes_and_elections_are_spans() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let nodes = start_nodes(&endpoint);
+    let mut on_b = client(&nodes.edges[1]).await;
+    on_b.subscribe(json!("s"), json!({"r": 1})).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let on_registry: Vec<&Span> = spans.iter().filter(|s| s.node == "registry-1").collect();
+        let has = |name: &str| on_registry.iter().any(|s| s.name == name);
+        if has("registry.write register_edge")
+            && has("registry.write interest")
+            && has("raft.election")
+        {
+            let election = on_registry
+                .iter()
+                .find(|s| s.name == "raft.election")
+                .unwrap();
+            assert_eq!(
+                election.attributes["herald.registry.outcome"], "won",
+                "{election:?}"
+            );
+            let interest = on_registry
+                .iter()
+                .find(|s| {
+                    s.name == "registry.write interest"
+                        && s.attributes.contains_key("herald.registry.updates")
+                })
+                .expect("a batched interest entry names its update count");
+            assert!(
+                interest.attributes["herald.registry.revision"]
+                    .parse::<u64>()
+                    .unwrap()
+                    > 0
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "registry spans missing: {:#?}",
+            on_registry
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -147,6 +147,11 @@ impl Interceptor for AttachSecret {
         request
             .metadata_mut()
             .insert(CLUSTER_SECRET_HEADER, self.0.clone());
+        // The caller's trace continues in the registry's write span (nothing unless traces are exported).
+        herald_telemetry::inject_headers(
+            &tracing::Span::current(),
+            request.metadata_mut().as_mut(),
+        );
         Ok(request)
     }
 }

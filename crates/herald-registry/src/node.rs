@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tracing::Instrument;
 
 use crate::batcher::InterestBatcher;
 use crate::grpc::{raft_server, registry_server, ClusterSecret, DEFAULT_MAX_RAFT_MESSAGE_BYTES};
@@ -387,9 +388,17 @@ pub async fn start(
         tokio::spawn(core.batcher.clone().run(
             move |request| {
                 let raft = raft.clone();
+                // Many edges' updates in one entry: a root span of its own, with the batch's size.
+                let span = crate::grpc::registry_service::write_span(request.kind(), None);
+                if let Request::Interest { changes } = &request {
+                    span.record("herald.registry.updates", changes.len());
+                }
                 async move {
-                    raft.client_write(request)
-                        .await
+                    let written = raft.client_write(request).instrument(span.clone()).await;
+                    if let Ok(written) = &written {
+                        span.record("herald.registry.revision", written.log_id.index);
+                    }
+                    written
                         .map(|written| written.data)
                         .map_err(|e| e.to_string())
                 }
@@ -399,6 +408,7 @@ pub async fn start(
         ))
     };
     let duties = tokio::spawn(leader_duties(core.clone(), config.lease_sweep));
+    let elections = tokio::spawn(trace_elections(core.clone()));
 
     tracing::info!(
         node_id = id,
@@ -412,7 +422,7 @@ pub async fn start(
         core,
         local_addr,
         server,
-        tasks: vec![batcher, duties],
+        tasks: vec![batcher, duties, elections],
     };
     if let Err(e) = bootstrap(&handle.core.raft, &config).await {
         let _ = handle.shutdown().await;
@@ -482,6 +492,45 @@ async fn bootstrap(raft: &Raft<TypeConfig>, config: &RegistryConfig) -> Result<(
             Err(RegistryError::Config(format!("cannot bootstrap: {e}")))
         }
         Err(RaftError::Fatal(e)) => Err(e.into()),
+    }
+}
+
+/// While traces are exported, one span per election this member sees: from the first sight of a new term until
+/// a leader of it is known, with the term, the leader and whether this member won. Watched through raft's
+/// metrics, which coalesce, so a span starts at the first new term observed (an election settled between two
+/// observations is a span of (almost) no duration, still with its outcome).
+async fn trace_elections(core: Arc<Core>) {
+    let mut metrics = core.raft.metrics();
+    let mut last_term = metrics.borrow().current_term;
+    let mut standing: Option<tracing::Span> = None;
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.current_term > last_term {
+                last_term = m.current_term;
+                standing = herald_telemetry::enabled().then(|| {
+                    tracing::info_span!(
+                        target: "herald::registry",
+                        "raft.election",
+                        otel.kind = "internal",
+                        herald.registry.node_id = core.id,
+                        herald.registry.term = m.current_term,
+                        herald.registry.leader = tracing::field::Empty,
+                        herald.registry.outcome = tracing::field::Empty,
+                    )
+                });
+            }
+            if let (Some(leader), Some(span)) = (m.current_leader, standing.as_ref()) {
+                let outcome = if leader == core.id { "won" } else { "lost" };
+                span.record("herald.registry.leader", leader)
+                    .record("herald.registry.outcome", outcome);
+                standing = None;
+            }
+        }
+        tokio::select! {
+            _ = core.shutdown.cancelled() => break,
+            changed = metrics.changed() => if changed.is_err() { break },
+        }
     }
 }
 

@@ -115,6 +115,23 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's kind, for span names and logs (never its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::RegisterEdge { .. } => "register_edge",
+            Request::RemoveEdges { .. } => "remove_edges",
+            Request::Interest { .. } => "interest",
+            Request::PutRoute { .. } => "put_route",
+            Request::PutEndpoint { .. } => "put_endpoint",
+            Request::DeleteEndpoint { .. } => "delete_endpoint",
+            Request::ClaimSource { .. } => "claim_source",
+            Request::DeleteRoute { .. } => "delete_route",
+            Request::PutSetting { .. } => "put_setting",
+        }
+    }
+}
+
 /// What applying a [`Request`] produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Response {

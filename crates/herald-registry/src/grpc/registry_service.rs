@@ -22,6 +22,9 @@ use tonic::{Request, Response, Status, Streaming};
 use herald_proto::v1 as pb;
 use herald_proto::v1::registry_internal_server::{RegistryInternal, RegistryInternalServer};
 
+use herald_telemetry::Parent;
+use tracing::Instrument;
+
 use crate::batcher::{BatchOutcome, MAX_BATCH_CHANGES};
 use crate::grpc::convert::{event_to_proto, snapshot_to_proto};
 use crate::grpc::{ClusterSecret, SecretCheck};
@@ -237,9 +240,13 @@ impl RegistryService {
 
     /// Writes a change to the route table; a change the apply refused is `INVALID_ARGUMENT` with its reason
     /// (`FAILED_PRECONDITION` for an endpoint still in use).
-    async fn table_write(&self, request: LogRequest) -> Result<Response<pb::WriteReply>, Status> {
+    async fn table_write(
+        &self,
+        request: LogRequest,
+        parent: Option<Parent>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
         self.ensure_leader()?;
-        let written = self.write(request).await?;
+        let written = self.write(request, parent.as_ref()).await?;
         if let Some(refused) = written.data.refused {
             return Err(if refused.contains("is used by route") {
                 Status::failed_precondition(refused)
@@ -253,15 +260,23 @@ impl RegistryService {
         }))
     }
 
+    /// Proposes `request` and waits for it to be applied; a span `registry.write <kind>` (continuing the
+    /// caller's `traceparent` metadata, `parent`) covers it when traces are exported.
     async fn write(
         &self,
         request: LogRequest,
+        parent: Option<&Parent>,
     ) -> Result<openraft::raft::ClientWriteResponse<TypeConfig>, Status> {
-        self.core
+        let span = write_span(request.kind(), parent);
+        let written = self
+            .core
             .raft
             .client_write(request)
+            .instrument(span.clone())
             .await
-            .map_err(write_status)
+            .map_err(write_status)?;
+        span.record("herald.registry.revision", written.log_id.index);
+        Ok(written)
     }
 }
 
@@ -271,6 +286,7 @@ impl RegistryInternal for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterReply>, Status> {
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
         let pb::RegisterRequest {
             edge,
             peer_addr,
@@ -293,11 +309,14 @@ impl RegistryInternal for RegistryService {
             // Shared with other registrations, exclusive with a lease sweep (see `Core::edge_writes`).
             let _shared = self.core.edge_writes.read().await;
             let written = self
-                .write(LogRequest::RegisterEdge {
-                    edge: edge.clone(),
-                    peer_addr: peer_addr.clone(),
-                    ttl_ms,
-                })
+                .write(
+                    LogRequest::RegisterEdge {
+                        edge: edge.clone(),
+                        peer_addr: peer_addr.clone(),
+                        ttl_ms,
+                    },
+                    parent.as_ref(),
+                )
                 .await?;
             // After the commit was applied, so a new leader's lease restart either saw the edge or runs before this.
             self.core.leases.lock().table.grant(
@@ -312,14 +331,17 @@ impl RegistryInternal for RegistryService {
         let mut revision = registered;
         for chunk in rooms.chunks(MAX_BATCH_CHANGES) {
             let written = self
-                .write(LogRequest::Interest {
-                    changes: vec![InterestChange {
-                        edge: edge.clone(),
-                        add: chunk.to_vec(),
-                        remove: vec![],
-                    }]
-                    .into(),
-                })
+                .write(
+                    LogRequest::Interest {
+                        changes: vec![InterestChange {
+                            edge: edge.clone(),
+                            add: chunk.to_vec(),
+                            remove: vec![],
+                        }]
+                        .into(),
+                    },
+                    parent.as_ref(),
+                )
                 .await?;
             if !written.data.unknown_edges.is_empty() {
                 // Removed between the two writes (its lease cannot have expired this fast, so another
@@ -602,13 +624,14 @@ impl RegistryInternal for RegistryService {
         &self,
         request: Request<pb::PutEndpointRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
         let pb::PutEndpointRequest {
             name,
             endpoint_json,
         } = request.into_inner();
         validate_table_name("endpoint", &name)?;
         let endpoint = parse_definition(&endpoint_json)?;
-        self.table_write(LogRequest::PutEndpoint { name, endpoint })
+        self.table_write(LogRequest::PutEndpoint { name, endpoint }, parent)
             .await
     }
 
@@ -616,34 +639,41 @@ impl RegistryInternal for RegistryService {
         &self,
         request: Request<pb::NameRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
         let name = request.into_inner().name;
         validate_table_name("endpoint", &name)?;
-        self.table_write(LogRequest::DeleteEndpoint { name }).await
+        self.table_write(LogRequest::DeleteEndpoint { name }, parent)
+            .await
     }
 
     async fn put_route(
         &self,
         request: Request<pb::PutRouteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
         let pb::PutRouteRequest { name, route_json } = request.into_inner();
         validate_table_name("route", &name)?;
         let route = parse_definition(&route_json)?;
-        self.table_write(LogRequest::PutRoute { name, route }).await
+        self.table_write(LogRequest::PutRoute { name, route }, parent)
+            .await
     }
 
     async fn delete_route(
         &self,
         request: Request<pb::NameRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
         let name = request.into_inner().name;
         validate_table_name("route", &name)?;
-        self.table_write(LogRequest::DeleteRoute { name }).await
+        self.table_write(LogRequest::DeleteRoute { name }, parent)
+            .await
     }
 
     async fn claim_source(
         &self,
         request: Request<pb::ClaimSourceRequest>,
     ) -> Result<Response<pb::ClaimSourceReply>, Status> {
+        let parent = herald_telemetry::extract_headers(request.metadata().as_ref());
         let pb::ClaimSourceRequest { route, edge } = request.into_inner();
         validate_table_name("route", &route)?;
         validate_edge(&edge)?;
@@ -664,10 +694,13 @@ impl RegistryInternal for RegistryService {
             }));
         }
         let written = self
-            .write(LogRequest::ClaimSource {
-                route,
-                edge: edge.clone(),
-            })
+            .write(
+                LogRequest::ClaimSource {
+                    route,
+                    edge: edge.clone(),
+                },
+                parent.as_ref(),
+            )
             .await?;
         if let Some(refused) = written.data.refused {
             return Err(Status::failed_precondition(refused));
@@ -927,4 +960,23 @@ mod tests {
         );
         assert_eq!(leader_hint(None).code(), tonic::Code::Unavailable);
     }
+}
+
+/// The span of one registry write, when traces are exported: a server span continuing the caller's context.
+pub(crate) fn write_span(kind: &'static str, parent: Option<&Parent>) -> tracing::Span {
+    if !herald_telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: "herald::registry",
+        "registry.write",
+        otel.name = format!("registry.write {kind}"),
+        otel.kind = "server",
+        herald.registry.operation = kind,
+        herald.registry.revision = tracing::field::Empty,
+        herald.registry.updates = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    herald_telemetry::continue_trace(&span, parent);
+    span
 }
