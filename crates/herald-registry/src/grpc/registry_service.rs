@@ -833,6 +833,25 @@ async fn send(
     }
 }
 
+/// The span of one registry write, when traces are exported: a server span continuing the caller's context.
+pub(crate) fn write_span(kind: &'static str, parent: Option<&Parent>) -> tracing::Span {
+    if !herald_telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: "herald::registry",
+        "registry.write",
+        otel.name = format!("registry.write {kind}"),
+        otel.kind = "server",
+        herald.registry.operation = kind,
+        herald.registry.revision = tracing::field::Empty,
+        herald.registry.updates = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    herald_telemetry::continue_trace(&span, parent);
+    span
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -960,23 +979,4 @@ mod tests {
         );
         assert_eq!(leader_hint(None).code(), tonic::Code::Unavailable);
     }
-}
-
-/// The span of one registry write, when traces are exported: a server span continuing the caller's context.
-pub(crate) fn write_span(kind: &'static str, parent: Option<&Parent>) -> tracing::Span {
-    if !herald_telemetry::enabled() {
-        return tracing::Span::none();
-    }
-    let span = tracing::info_span!(
-        target: "herald::registry",
-        "registry.write",
-        otel.name = format!("registry.write {kind}"),
-        otel.kind = "server",
-        herald.registry.operation = kind,
-        herald.registry.revision = tracing::field::Empty,
-        herald.registry.updates = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-    );
-    herald_telemetry::continue_trace(&span, parent);
-    span
 }
