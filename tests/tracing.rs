@@ -407,8 +407,7 @@ async fn registry_writes_and_elections_are_spans() {
         }
         assert!(
             Instant::now() < deadline,
-            "registry spans missing: {:#?}",
-            on_registry
+            "registry spans missing: {on_registry:#?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
