@@ -23,6 +23,7 @@ mod chart;
 mod coordinator;
 mod driver;
 mod failover;
+mod otlp_sink;
 mod payload;
 // The peers' protocol clients and server starters; the harness uses only part of their API.
 #[allow(dead_code)]
@@ -68,6 +69,15 @@ enum Cmd {
         /// Scenario files (TOML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// An OTLP/gRPC trace receiver that counts and discards spans (for measuring herald's tracing overhead).
+    OtlpSink {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        listen: String,
+        /// Seconds between printed totals.
+        #[arg(long, default_value_t = 5)]
+        every: u64,
     },
     /// Internal: a worker process holding subscriber connections (started by `run`).
     #[command(hide = true)]
@@ -130,6 +140,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Worker => worker::main(),
+        Cmd::OtlpSink { listen, every } => {
+            match otlp_sink::main(&listen, std::time::Duration::from_secs(every.max(1))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald-loadtest: otlp-sink: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Check { files } => {
             let mut ok = true;
             for file in files {
