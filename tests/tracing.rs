@@ -11,6 +11,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -19,6 +25,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use serde_json::{json, Value};
 use support::procs::{free_port, Dir, Proc};
 use support::*;
@@ -41,10 +48,40 @@ struct Span {
     attributes: HashMap<String, String>,
 }
 
-/// The OTLP trace service: keeps every span it is sent.
+/// The OTLP trace and metrics services: keeps every span and every metric it is sent.
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<Span>>>,
+    /// Metric name -> the node that sent it and its last data.
+    metrics: Arc<Mutex<HashMap<(String, String), metric::Data>>>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut metrics = self.metrics.lock().unwrap();
+        for resource_metrics in request.into_inner().resource_metrics {
+            let resource = resource_metrics
+                .resource
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            let node = resource
+                .get("service.instance.id")
+                .cloned()
+                .unwrap_or_default();
+            for scope in resource_metrics.scope_metrics {
+                for metric in scope.metrics {
+                    if let Some(data) = metric.data {
+                        metrics.insert((node.clone(), metric.name), data);
+                    }
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
 }
 
 fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -107,9 +144,11 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let service = TraceServiceServer::new(self.clone());
+        let metrics = MetricsServiceServer::new(self.clone());
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(metrics)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
                 .unwrap();
@@ -187,8 +226,10 @@ fn start_nodes(endpoint: &str) -> Nodes {
             ],
             &[
                 ("RUST_LOG", "info".into()),
-                // Export batches every 100 ms instead of every 5 s, so the test does not wait.
+                // Export span batches every 100 ms instead of every 5 s and metrics every 200 ms instead of
+                // every 60 s, so the test does not wait.
                 ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+                ("OTEL_METRIC_EXPORT_INTERVAL", "200".into()),
             ],
             Some(&log),
         ));
@@ -233,7 +274,7 @@ async fn one_publish_across_two_edges_is_one_connected_trace() {
     let endpoint = receiver.start().await;
     let nodes = start_nodes(&endpoint);
     let (a, b) = (&nodes.edges[0], &nodes.edges[1]);
-    let room = json!({"board": "b1", "target": "x"});
+    let room = json!({"board": "board-value-7", "target": "target-value-9"});
     let mut on_a = client(a).await;
     let mut on_b = client(b).await;
     on_a.subscribe(json!("s"), room.clone()).await;
@@ -319,7 +360,7 @@ async fn one_publish_across_two_edges_is_one_connected_trace() {
             "{span:?}"
         );
         assert!(
-            !format!("{span:?}").contains("b1"),
+            !format!("{span:?}").contains("-value-"),
             "a room value leaked: {span:?}"
         );
     }
@@ -408,6 +449,70 @@ async fn registry_writes_and_elections_are_spans() {
         assert!(
             Instant::now() < deadline,
             "registry spans missing: {on_registry:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_pushed_over_otlp_with_the_same_names() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let nodes = start_nodes(&endpoint);
+    let a = &nodes.edges[0];
+    let mut on_a = client(a).await;
+    on_a.subscribe(json!("s"), json!({"r": 1})).await;
+    let (status, text) = publish(
+        a,
+        json!({"rooms": [{"r": 1}], "data": 1}),
+        &traceparent(TRACE_ID),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(on_a.recv_json().await["data"], 1);
+
+    let metric = |name: &str| {
+        receiver
+            .metrics
+            .lock()
+            .unwrap()
+            .get(&("edge-a".to_string(), name.to_string()))
+            .cloned()
+    };
+    let number =
+        |point: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match point.value {
+            Some(number_data_point::Value::AsDouble(v)) => v,
+            other => panic!("{other:?}"),
+        };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let connections = metric("herald_connections");
+        let published = metric("herald_messages_published_total");
+        let latency = metric("herald_publish_to_delivery_seconds");
+        if let (
+            Some(metric::Data::Gauge(connections)),
+            Some(metric::Data::Sum(published)),
+            Some(metric::Data::Histogram(latency)),
+        ) = (connections, published, latency)
+        {
+            let http = published
+                .data_points
+                .iter()
+                .find(|p| format!("{:?}", p.attributes).contains("\"http\""))
+                .map(number);
+            let delivered: u64 = latency.data_points.iter().map(|p| p.count).sum();
+            if number(&connections.data_points[0]) == 1.0 && http == Some(1.0) && delivered >= 1 {
+                assert!(published.is_monotonic);
+                let point = &latency.data_points[0];
+                assert_eq!(point.bucket_counts.len(), point.explicit_bounds.len() + 1);
+                assert_eq!(point.bucket_counts.iter().sum::<u64>(), point.count);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never arrived over OTLP: {:?}",
+            receiver.metrics.lock().unwrap().keys().collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -75,11 +75,7 @@ pub(crate) async fn route(state: Arc<State>, request: hyper::Request<Incoming>) 
         (&Method::GET, "/metrics") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            {
-                let mut text = state.metrics.render();
-                state.bridges.render(&mut text);
-                text
-            },
+            state.render_metrics(),
         ),
         (_, "/ws/" | "/ws" | "/" | "/herald.js" | "/livez" | "/readyz" | "/metrics") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")

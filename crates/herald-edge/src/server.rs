@@ -163,6 +163,13 @@ impl State {
         outcome
     }
 
+    /// Everything `/metrics` serves, in the Prometheus text format.
+    pub(crate) fn render_metrics(&self) -> String {
+        let mut text = self.metrics.render();
+        self.bridges.render(&mut text);
+        text
+    }
+
     /// Whether the node is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -217,6 +224,18 @@ pub async fn run_with_cluster(
         cluster.as_ref().map(|node| node.cluster.clone()),
         tracker.clone(),
     )?);
+    // The same series as `/metrics`, pushed over OTLP when an endpoint is configured.
+    let metrics_export = herald_telemetry::metrics::endpoint(&state.config.telemetry.otlp_endpoint)
+        .map(|endpoint| {
+            let rendered = state.clone();
+            herald_telemetry::metrics::spawn_export(
+                endpoint,
+                herald_telemetry::metrics::interval(),
+                state.config.telemetry.service_name.clone(),
+                state.config.cluster.edge_id.clone(),
+                move || rendered.render_metrics(),
+            )
+        });
     // Registration, keep-alives, interest updates and the watch that feeds the cluster view.
     let leave_registry = CancellationToken::new();
     let bridge_registry = registry.as_ref().map(|attachment| RegistryHandle {
@@ -318,6 +337,9 @@ pub async fn run_with_cluster(
         peer.stop().await;
     }
     stop_admin.cancel();
+    if let Some(export) = metrics_export {
+        export.abort();
+    }
     tracing::info!(connections_at_start, cut_by_deadline, "drained");
     Ok(DrainReport {
         connections_at_start,

@@ -16,6 +16,8 @@
 //! ([`extract_headers`], [`inject_headers`]) and, for edge-to-edge forwards and bridge envelopes, inside the message
 //! ([`parse_traceparent`], [`traceparent_of`]).
 
+pub mod metrics;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
