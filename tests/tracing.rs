@@ -174,8 +174,8 @@ struct Nodes {
     _data: Dir,
 }
 
-/// One registry member and two edges exporting spans to `endpoint`, with JSON logs kept in files.
-fn start_nodes(endpoint: &str) -> Nodes {
+/// One registry member and two edges exporting spans to `endpoint`, with JSON logs at `rust_log` kept in files.
+fn start_nodes(endpoint: &str, rust_log: &str) -> Nodes {
     let data = Dir::new("tracing");
     let port = free_port();
     let registry = Proc::spawn_with(
@@ -225,7 +225,7 @@ fn start_nodes(endpoint: &str) -> Nodes {
                 "log-format=json".into(),
             ],
             &[
-                ("RUST_LOG", "info".into()),
+                ("RUST_LOG", rust_log.into()),
                 // Export span batches every 100 ms instead of every 5 s and metrics every 200 ms instead of
                 // every 60 s, so the test does not wait.
                 ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
@@ -272,7 +272,8 @@ fn traceparent(trace_id: &str) -> String {
 async fn one_publish_across_two_edges_is_one_connected_trace() {
     let receiver = Receiver::default();
     let endpoint = receiver.start().await;
-    let nodes = start_nodes(&endpoint);
+    // Logs at warn: the log filter must not turn spans off.
+    let nodes = start_nodes(&endpoint, "warn");
     let (a, b) = (&nodes.edges[0], &nodes.edges[1]);
     let room = json!({"board": "board-value-7", "target": "target-value-9"});
     let mut on_a = client(a).await;
@@ -377,7 +378,7 @@ async fn one_publish_across_two_edges_is_one_connected_trace() {
 async fn log_lines_inside_a_publish_carry_its_trace_id() {
     let receiver = Receiver::default();
     let endpoint = receiver.start().await;
-    let nodes = start_nodes(&endpoint);
+    let nodes = start_nodes(&endpoint, "info");
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     // A refused publish logs "publish refused" inside the request's span.
     let (status, _) = publish(
@@ -411,7 +412,7 @@ async fn log_lines_inside_a_publish_carry_its_trace_id() {
 async fn registry_writes_and_elections_are_spans() {
     let receiver = Receiver::default();
     let endpoint = receiver.start().await;
-    let nodes = start_nodes(&endpoint);
+    let nodes = start_nodes(&endpoint, "info");
     let mut on_b = client(&nodes.edges[1]).await;
     on_b.subscribe(json!("s"), json!({"r": 1})).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -458,7 +459,7 @@ async fn registry_writes_and_elections_are_spans() {
 async fn metrics_are_pushed_over_otlp_with_the_same_names() {
     let receiver = Receiver::default();
     let endpoint = receiver.start().await;
-    let nodes = start_nodes(&endpoint);
+    let nodes = start_nodes(&endpoint, "info");
     let a = &nodes.edges[0];
     let mut on_a = client(a).await;
     on_a.subscribe(json!("s"), json!({"r": 1})).await;

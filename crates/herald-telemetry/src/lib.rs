@@ -28,9 +28,15 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+/// The `tracing` target of the publish path's spans (`herald_edge::trace`).
+pub const PUBLISH_TARGET: &str = "herald::publish";
+/// The `tracing` target of the registry's spans (writes, elections).
+pub const REGISTRY_TARGET: &str = "herald::registry";
 
 /// Whether spans are exported (set once by [`init`]).
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -137,6 +143,8 @@ fn endpoint(config: &TelemetryConfig) -> Option<(String, bool)> {
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log_level));
+    // The log filter applies to logs only: `log-level: warn` must not turn traces off. herald's spans are at
+    // info on the targets below, and the exporter takes exactly those.
     let format = match config.log_format.as_str() {
         "json" => tracing_subscriber::fmt::layer()
             .json()
@@ -147,24 +155,28 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         _ => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .boxed(),
-    };
+    }
+    .with_filter(filter);
     let (provider, otel) = match endpoint(config) {
         None => (None, None),
         Some((endpoint, from_env)) => {
             let provider = tracer_provider(config, &endpoint, from_env)?;
             let tracer = provider.tracer("herald");
+            let spans = Targets::new()
+                .with_target(PUBLISH_TARGET, LevelFilter::INFO)
+                .with_target(REGISTRY_TARGET, LevelFilter::INFO);
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_tracked_inactivity(false)
                 .with_threads(false)
-                .with_location(false);
+                .with_location(false)
+                .with_filter(spans);
             (Some(provider), Some(layer))
         }
     };
     tracing_subscriber::registry()
-        .with(otel)
         .with(format)
-        .with(filter)
+        .with(otel)
         .try_init()
         .map_err(|e| TelemetryError(format!("installing the log subscriber: {e}")))?;
     if provider.is_some() {
