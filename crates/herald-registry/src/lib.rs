@@ -20,7 +20,9 @@
 pub mod batcher;
 pub mod client;
 pub mod grpc;
+mod http;
 pub mod leases;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod state;

@@ -38,8 +38,9 @@ use tracing::Instrument;
 use crate::batcher::InterestBatcher;
 use crate::grpc::{raft_server, registry_server, ClusterSecret, DEFAULT_MAX_RAFT_MESSAGE_BYTES};
 use crate::leases::Leases;
+use crate::metrics::RegistryMetrics;
 use crate::network::GrpcNetwork;
-use crate::store::{self, StateMachineStore, StoreError};
+use crate::store::{self, LogReader, StateMachineStore, StoreError};
 use crate::types::{NodeId, RegistryNode, Request, TypeConfig};
 
 /// The default interval between two sweeps of expired leases.
@@ -218,6 +219,10 @@ pub(crate) struct LeaderLeases {
 pub(crate) struct Core {
     pub(crate) id: NodeId,
     pub(crate) raft: Raft<TypeConfig>,
+    /// Reads the log's commit index for the metrics.
+    pub(crate) log: LogReader,
+    /// Lease expiries, commit latency.
+    pub(crate) metrics: RegistryMetrics,
     pub(crate) state: StateMachineStore,
     /// Lock order: `leases`, then the state machine's lock (through `state.read_state`), never the reverse.
     pub(crate) leases: Mutex<LeaderLeases>,
@@ -278,6 +283,17 @@ impl RegistryHandle {
     /// The state machine: the applied state and its change events.
     pub fn state_machine(&self) -> &StateMachineStore {
         &self.core.state
+    }
+
+    /// This member's metrics in the Prometheus text format (see [`crate::metrics`]).
+    pub fn render_metrics(&self) -> String {
+        crate::metrics::render(&self.core)
+    }
+
+    /// A renderer of this member's metrics that outlives the handle's borrow (for another `/metrics`).
+    pub fn metrics_renderer(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        let core = self.core.clone();
+        move || crate::metrics::render(&core)
     }
 
     /// Whether this member currently leads.
@@ -349,11 +365,14 @@ pub async fn start(
         .map_err(|e| RegistryError::Task(e.to_string()))??;
     let network = GrpcNetwork::new(id, config.secret.clone())
         .with_max_message_bytes(config.max_raft_message_bytes);
+    let log_reader = log.reader();
     let raft = Raft::new(id, raft_config, network, log, state.clone()).await?;
 
     let core = Arc::new(Core {
         id,
         raft: raft.clone(),
+        log: log_reader,
+        metrics: RegistryMetrics::default(),
         state,
         leases: Mutex::new(LeaderLeases::default()),
         batcher: InterestBatcher::new(),
@@ -385,6 +404,7 @@ pub async fn start(
 
     let batcher = {
         let raft = raft.clone();
+        let batch_core = core.clone();
         tokio::spawn(core.batcher.clone().run(
             move |request| {
                 let raft = raft.clone();
@@ -393,8 +413,11 @@ pub async fn start(
                 if let Request::Interest { changes } = &request {
                     span.record("herald.registry.updates", changes.len());
                 }
+                let core = batch_core.clone();
                 async move {
+                    let proposed = Instant::now();
                     let written = raft.client_write(request).instrument(span.clone()).await;
+                    core.metrics.commit_duration.observe(proposed.elapsed());
                     if let Ok(written) = &written {
                         span.record("herald.registry.revision", written.log_id.index);
                     }
@@ -431,18 +454,27 @@ pub async fn start(
     Ok(handle)
 }
 
-/// Runs a registry member on `listener` until `shutdown` resolves (or the server fails), then stops it.
+/// Runs a registry member on `listener` until `shutdown` resolves (or the server fails), then stops it. With
+/// `http`, it also serves `/metrics`, `/livez` and `/readyz` there.
 pub async fn run(
     config: RegistryConfig,
     listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RegistryError> {
     let RegistryHandle {
         core,
         local_addr: _,
         mut server,
-        tasks,
+        mut tasks,
     } = start(config, listener).await?;
+    if let Some(http) = http {
+        tasks.push(tokio::spawn(crate::http::serve(
+            core.clone(),
+            http,
+            core.shutdown.clone(),
+        )));
+    }
     tokio::select! {
         _ = shutdown => stop(core, server, tasks).await,
         // The server only ends on its own when it failed.
@@ -633,6 +665,7 @@ async fn lead(core: Arc<Core>, term: u64, sweep: Duration, token: CancellationTo
         match written {
             Ok(written) => {
                 core.leases.lock().table.forget(&expired);
+                core.metrics.lease_expiries.add(expired.len() as u64);
                 tracing::info!(
                     node_id = core.id,
                     term,

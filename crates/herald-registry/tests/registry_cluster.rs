@@ -663,7 +663,7 @@ async fn calls_without_the_right_secret_are_refused() {
         let addr = listener.local_addr().unwrap().to_string();
         let config = RegistryConfig::new(1, addr.clone(), dir.path(), secret());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(herald_registry::run(config, listener, async {
+        let running = tokio::spawn(herald_registry::run(config, listener, None, async {
             let _ = stopped.await;
         }));
 

@@ -16,6 +16,7 @@
 //! ([`extract_headers`], [`inject_headers`]) and, for edge-to-edge forwards and bridge envelopes, inside the message
 //! ([`parse_traceparent`], [`traceparent_of`]).
 
+pub mod instruments;
 pub mod metrics;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -78,6 +78,9 @@ struct RegistryArgs {
     /// Log filter.
     #[arg(long, env = "HERALD_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Address for `/metrics`, `/livez` and `/readyz` over plain HTTP (e.g. `127.0.0.1:7082`); empty: none.
+    #[arg(long, env = "HERALD_REGISTRY_METRICS_ADDR", default_value = "")]
+    metrics_addr: String,
     /// `text` or `json` (one object per line).
     #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -278,13 +281,28 @@ fn registry(args: &RegistryArgs) -> ExitCode {
                 return ExitCode::from(EXIT_UNAVAILABLE);
             }
         };
+        let http = if args.metrics_addr.is_empty() {
+            None
+        } else {
+            match TcpListener::bind(&args.metrics_addr).await {
+                Ok(listener) => Some(listener),
+                Err(e) => {
+                    eprintln!("herald: cannot bind {}: {e}", args.metrics_addr);
+                    return ExitCode::from(EXIT_UNAVAILABLE);
+                }
+            }
+        };
         let shutdown = shutdown_signal();
         let addr = listener.local_addr().expect("bound");
+        let metrics = http
+            .as_ref()
+            .map(|l| format!(" metrics={}", l.local_addr().expect("bound")))
+            .unwrap_or_default();
         println!(
-            "herald registry listening: node={} addr={addr}",
+            "herald registry listening: node={} addr={addr}{metrics}",
             config.node_id
         );
-        match herald_registry::node::run(config, listener, shutdown).await {
+        match herald_registry::node::run(config, listener, http, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("herald: registry failed: {e}");
@@ -322,7 +340,8 @@ async fn serve(mut config: Config) -> ExitCode {
     } else {
         None
     };
-    let code = serve_edge(config).await;
+    let registry_metrics = embedded.as_ref().map(|e| e.handle.metrics_renderer());
+    let code = serve_edge(config, registry_metrics).await;
     if let Some(embedded) = embedded {
         embedded.stop().await;
     }
@@ -414,7 +433,11 @@ async fn bind_with_backlog(addr: &str) -> std::io::Result<TcpListener> {
     }))
 }
 
-async fn serve_edge(config: Config) -> ExitCode {
+/// Serves an edge; `registry_metrics` renders the embedded registry's series for the edge's `/metrics`.
+async fn serve_edge(
+    config: Config,
+    registry_metrics: Option<impl Fn() -> String + Send + Sync + 'static>,
+) -> ExitCode {
     let http_addr = format!("{}:{}", config.server_host, config.server_port);
     let grpc_addr = format!("{}:{}", config.server_host, config.grpc_port);
     let (http, grpc) = match (
@@ -448,7 +471,12 @@ async fn serve_edge(config: Config) -> ExitCode {
     }
     let cluster = if config.cluster.enabled() {
         match join_cluster(&config).await {
-            Ok(node) => Some(node),
+            Ok(node) => {
+                if let Some(render) = registry_metrics {
+                    node.cluster.metrics().sources.add(render);
+                }
+                Some(node)
+            }
             Err(code) => return code,
         }
     } else {

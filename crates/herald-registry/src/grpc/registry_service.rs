@@ -268,6 +268,7 @@ impl RegistryService {
         parent: Option<&Parent>,
     ) -> Result<openraft::raft::ClientWriteResponse<TypeConfig>, Status> {
         let span = write_span(request.kind(), parent);
+        let proposed = std::time::Instant::now();
         let written = self
             .core
             .raft
@@ -275,6 +276,10 @@ impl RegistryService {
             .instrument(span.clone())
             .await
             .map_err(write_status)?;
+        self.core
+            .metrics
+            .commit_duration
+            .observe(proposed.elapsed());
         span.record("herald.registry.revision", written.log_id.index);
         Ok(written)
     }

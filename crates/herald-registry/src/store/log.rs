@@ -72,6 +72,13 @@ pub struct LogReader {
     shared: Arc<Shared>,
 }
 
+impl LogReader {
+    /// The index of the last entry known committed (`None` before the first commit).
+    pub fn committed_index(&self) -> Option<u64> {
+        self.shared.mem.read().committed.map(|id| id.index)
+    }
+}
+
 /// What the store and its readers share.
 struct Shared {
     mem: RwLock<MemLog>,
