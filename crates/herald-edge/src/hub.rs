@@ -41,6 +41,15 @@ impl Conn {
     pub fn subscription_count(&self) -> usize {
         self.subscriptions.lock().len()
     }
+
+    /// The rooms this connection is subscribed to.
+    pub fn rooms(&self) -> Vec<Room> {
+        self.subscriptions
+            .lock()
+            .values()
+            .map(|(room, _)| room.clone())
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -358,6 +367,15 @@ impl Hub {
     /// Distinct subscribed rooms.
     pub fn room_count(&self) -> usize {
         self.index.read().len()
+    }
+
+    /// Every subscribed room (canonical JSON) with its number of local subscriptions.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        self.index
+            .read()
+            .iter()
+            .map(|(room, subscribers)| (room.canonical_json(), subscribers.len()))
+            .collect()
     }
 
     /// Every open connection (for drain).

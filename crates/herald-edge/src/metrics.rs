@@ -66,6 +66,8 @@ pub struct Metrics {
     pub peer_forwards_received: Counter,
     /// Publishes received from peer edges with a room this edge cannot parse (delivered to their other targets).
     pub peer_malformed_rooms: Counter,
+    /// Admin API requests refused for a missing or wrong token.
+    pub admin_refused: Counter,
     /// Series other parts of the process add (the embedded registry of `herald dev`), rendered after these.
     pub sources: ExtraSources,
 }
@@ -153,6 +155,7 @@ impl Default for Metrics {
             peer_queue_depth: Gauge::default(),
             peer_forwards_received: Counter::default(),
             peer_malformed_rooms: Counter::default(),
+            admin_refused: Counter::default(),
             sources: ExtraSources::default(),
         }
     }
@@ -338,6 +341,12 @@ impl Metrics {
             "herald_peer_malformed_rooms_total",
             "Rooms in publishes from peer edges that this edge could not parse.",
             &self.peer_malformed_rooms,
+        );
+        counter(
+            &mut out,
+            "herald_admin_refused_total",
+            "Admin API requests refused for a missing or wrong token.",
+            &self.admin_refused,
         );
         for source in self.sources.0.read().iter() {
             out.push_str(&source());

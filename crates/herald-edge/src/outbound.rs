@@ -29,6 +29,8 @@ use crate::metrics::Metrics;
 /// `limits.pong-timeout-ms` while deliveries waited behind it (private-use range; documented in the README).
 /// Centrifugo's code for the same thing is 3008.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code: an operator disconnected this connection (`herald ctl disconnect`).
+pub const CLOSE_BY_OPERATOR: u16 = 4010;
 /// Close code for a connection that left an idle ping unanswered past `limits.pong-timeout-ms`: a dead peer
 /// (half-open TCP) or a client that does not answer pings. Centrifugo's "no pong" is 3012; herald's private codes
 /// are its numbers moved into the 4000 range. Not 1011, which says the server failed.

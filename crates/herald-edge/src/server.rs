@@ -59,6 +59,8 @@ pub struct State {
     draining: AtomicBool,
     /// Cancelled when sockets should be sent 1001.
     pub(crate) going_away: CancellationToken,
+    /// Cancelled by `herald ctl stop`: the node drains and exits as on SIGTERM.
+    pub(crate) stop_requested: CancellationToken,
     /// Upgraded WebSocket connections, which hyper's graceful shutdown does not track.
     pub(crate) ws_tasks: TaskTracker,
     /// Set when this edge is a cluster member: publishes are also forwarded to the peer edges that want them.
@@ -111,6 +113,7 @@ impl State {
             started: std::time::Instant::now(),
             draining: AtomicBool::new(false),
             going_away: CancellationToken::new(),
+            stop_requested: CancellationToken::new(),
             ws_tasks: TaskTracker::new(),
             bridges: Arc::new(Bridges::new(
                 config.limits.max_publish_body_bytes,
@@ -168,6 +171,26 @@ impl State {
         let mut text = self.metrics.render();
         self.bridges.render(&mut text);
         text
+    }
+
+    /// The drain without the exit (`herald ctl drain`): `/readyz` fails and upgrades are refused at once, and
+    /// after `shutdown.drain-delay-ms` every socket is sent 1001. The process keeps serving the publish APIs,
+    /// peers and the admin API; a later SIGTERM or `ctl stop` ends it. Returns false when already draining.
+    pub(crate) fn drain_connections(&self) -> bool {
+        if self.draining.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        tracing::info!(
+            connections = self.hub.connection_count(),
+            "draining on an operator's request; the process stays up"
+        );
+        let delay = Duration::from_millis(self.config.shutdown.drain_delay_ms);
+        let going_away = self.going_away.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            going_away.cancel();
+        });
+        true
     }
 
     /// Whether the node is draining.
@@ -290,7 +313,12 @@ pub async fn run_with_cluster(
             .await
     });
 
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = state.stop_requested.cancelled() => {
+            tracing::info!("stopping on an operator's request");
+        }
+    }
     let connections_at_start = state.hub.connection_count();
     tracing::info!(connections = connections_at_start, "draining");
     state.draining.store(true, Ordering::Relaxed);

@@ -33,6 +33,8 @@ const EXIT_SOFTWARE: u8 = 70;
 const EXIT_UNAVAILABLE: u8 = 69;
 /// EX_NOPERM: the registry refused the cluster secret.
 const EXIT_NOPERM: u8 = 77;
+/// EX_NOINPUT: what the command names does not exist on the node (`disconnect` matched no connection).
+const EXIT_NOINPUT: u8 = 66;
 
 /// How long one ctl call keeps trying members. Shorter than the client's default (made for edges riding out
 /// elections in the background): an operator waiting at a prompt wants "unreachable" quickly, and a few seconds
@@ -99,6 +101,53 @@ enum CtlCommand {
     /// One node, through its admin API (`--admin`): role, uptime, connections, rooms, and its bridges (each
     /// supervised task with its restarts and last error, and who consumes each source).
     Status,
+    /// The node's WebSocket connections, a page at a time (`--after` the last id shown), in id order.
+    Connections {
+        /// Only this user's connections.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only connections subscribed to a room matching this pattern (JSON, e.g. '{"board":"*"}').
+        #[arg(long)]
+        room: Option<String>,
+        /// Connections per page (the node caps it at 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this connection id (the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Every page, not just one.
+        #[arg(long)]
+        all: bool,
+    },
+    /// The node's subscribed rooms with their local subscription counts, a page at a time.
+    Rooms {
+        /// Only rooms whose canonical JSON starts with this text (e.g. '{"board":').
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Rooms per page (the node caps it at 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this room (canonical JSON, the `next` of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Every page, not just one.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Close one connection, or every connection of a user, with close code 4010.
+    Disconnect {
+        /// The connection id (as `ctl connections` shows it).
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        connection: Option<String>,
+        /// Every connection of this user instead.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// The SIGTERM drain without exiting: /readyz fails and new upgrades are refused at once, and after
+    /// `shutdown.drain-delay-ms` every socket is sent 1001 so clients move to another node.
+    Drain,
+    /// Drain, then exit 0 (as SIGTERM does).
+    Stop,
     /// The registry's raft group: status and membership changes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -218,8 +267,69 @@ pub(crate) fn run(args: CtlArgs) -> ExitCode {
 }
 
 async fn execute(args: &CtlArgs) -> Result<(), Failure> {
-    if let CtlCommand::Status = args.command {
-        return node_status(args).await;
+    match &args.command {
+        CtlCommand::Status => return node_status(args).await,
+        CtlCommand::Connections {
+            user,
+            room,
+            limit,
+            after,
+            all,
+        } => {
+            let filters = [("user", user.as_deref()), ("room", room.as_deref())];
+            return listing(
+                args,
+                "connections",
+                &filters,
+                *limit,
+                after.as_deref(),
+                *all,
+            )
+            .await;
+        }
+        CtlCommand::Rooms {
+            prefix,
+            limit,
+            after,
+            all,
+        } => {
+            let filters = [("prefix", prefix.as_deref())];
+            return listing(args, "rooms", &filters, *limit, after.as_deref(), *all).await;
+        }
+        CtlCommand::Disconnect { connection, user } => {
+            let body = match (connection, user) {
+                (Some(id), _) => json!({ "connection": id }),
+                (None, Some(user)) => json!({ "user": user }),
+                (None, None) => return Err(Failure::usage("name a connection or --user")),
+            };
+            let doc = admin_call(args, "POST", "/admin/disconnect", &body.to_string()).await?;
+            return print_doc(args, &doc, |doc| {
+                format!("closed {} connection(s)\n", doc["closed"])
+            });
+        }
+        CtlCommand::Drain => {
+            let doc = admin_call(args, "POST", "/admin/drain", "").await?;
+            return print_doc(args, &doc, |doc| {
+                if doc["already_draining"] == true {
+                    "already draining\n".to_owned()
+                } else {
+                    format!(
+                        "draining: /readyz fails now; {} connection(s) get 1001 in {} ms; the process stays up\n",
+                        doc["connections"], doc["close_after_ms"]
+                    )
+                }
+            });
+        }
+        CtlCommand::Stop => {
+            let doc = admin_call(args, "POST", "/admin/stop", "").await?;
+            return print_doc(args, &doc, |doc| {
+                format!(
+                    "stopping: draining {} connection(s), then exiting\n",
+                    doc["connections"]
+                )
+            });
+        }
+        _ => {}
     }
     // Routes without a registry: the node's own table, through its admin API.
     if let (CtlCommand::Routes(command), true) = (&args.command, args.registry.is_empty()) {
@@ -244,7 +354,12 @@ async fn execute(args: &CtlArgs) -> Result<(), Failure> {
             ctl.remove(*node_id, *force).await
         }
         CtlCommand::Routes(command) => ctl.routes(command).await,
-        CtlCommand::Status => unreachable!("answered above"),
+        CtlCommand::Status
+        | CtlCommand::Connections { .. }
+        | CtlCommand::Rooms { .. }
+        | CtlCommand::Disconnect { .. }
+        | CtlCommand::Drain
+        | CtlCommand::Stop => unreachable!("answered above"),
     }
 }
 
@@ -278,6 +393,31 @@ fn node_status_text(doc: &Value) -> String {
         "connections {}  subscriptions {}  rooms {}",
         doc["connections"], doc["subscriptions"], doc["rooms"]
     );
+    if let Some(peers) = doc["peers"]["edges"].as_array() {
+        let names: Vec<&str> = peers.iter().filter_map(|p| p["edge"].as_str()).collect();
+        let _ = writeln!(
+            out,
+            "peers {} ({})  links {}  queued forwards {}  forward drops {}",
+            names.len(),
+            if names.is_empty() {
+                "-".to_owned()
+            } else {
+                names.join(", ")
+            },
+            doc["peers"]["links"],
+            doc["peers"]["queue_depth"],
+            doc["peers"]["forward_drops"]
+        );
+    }
+    if let Some(members) = doc["registry"]["members"].as_array() {
+        let members: Vec<&str> = members.iter().filter_map(|m| m.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "registry {}  replica revision {}",
+            members.join(","),
+            doc["registry"]["replica_revision"]
+        );
+    }
     let tasks = doc["bridges"]["tasks"]
         .as_array()
         .cloned()
@@ -306,6 +446,94 @@ fn node_status_text(doc: &Value) -> String {
     out
 }
 
+/// Prints an admin answer as JSON or as `text(doc)`.
+fn print_doc(args: &CtlArgs, doc: &Value, text: impl Fn(&Value) -> String) -> Result<(), Failure> {
+    match args.output {
+        Output::Json => println!("{doc:#}"),
+        Output::Text => print!("{}", text(doc)),
+    }
+    Ok(())
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// `herald ctl connections` and `ctl rooms`: one page of `GET /admin/<what>`, or every page with `all`.
+async fn listing(
+    args: &CtlArgs,
+    what: &str,
+    filters: &[(&str, Option<&str>)],
+    limit: usize,
+    after: Option<&str>,
+    all: bool,
+) -> Result<(), Failure> {
+    if limit == 0 {
+        return Err(Failure::usage("--limit must be at least 1"));
+    }
+    let mut after = after.map(str::to_owned);
+    let mut items = Vec::new();
+    let (matched, next) = loop {
+        let mut path = format!("/admin/{what}?limit={limit}");
+        for (key, value) in filters {
+            if let Some(value) = value {
+                path.push_str(&format!("&{key}={}", encode(value)));
+            }
+        }
+        if let Some(after) = &after {
+            path.push_str(&format!("&after={}", encode(after)));
+        }
+        let doc = admin_call(args, "GET", &path, "").await?;
+        items.extend(doc[what].as_array().cloned().unwrap_or_default());
+        let next = doc["next"].as_str().map(str::to_owned);
+        if !all || next.is_none() {
+            break (doc["matched"].clone(), next);
+        }
+        after = next;
+    };
+    if args.output == Output::Json {
+        println!(
+            "{:#}",
+            json!({ what: items, "matched": matched, "next": next })
+        );
+        return Ok(());
+    }
+    let mut out = String::new();
+    if what == "connections" {
+        let _ = writeln!(out, "ID\tUSER\tSUBSCRIPTIONS\tQUEUED FRAMES");
+        for c in &items {
+            let _ = writeln!(
+                out,
+                "{}\t{}\t{}\t{}",
+                c["id"].as_str().unwrap_or("?"),
+                c["user"].as_str().unwrap_or("-"),
+                c["subscriptions"],
+                c["queued_frames"]
+            );
+        }
+    } else {
+        let _ = writeln!(out, "ROOM\tSUBSCRIPTIONS");
+        for r in &items {
+            let _ = writeln!(out, "{}\t{}", r["room"], r["subscriptions"]);
+        }
+    }
+    let _ = writeln!(out, "{} shown of {matched} matching", items.len());
+    if let Some(next) = next {
+        let _ = writeln!(out, "more: --after '{next}'");
+    }
+    print!("{out}");
+    Ok(())
+}
+
 /// Calls the admin API and turns its answer into the document or a failure with the right exit code.
 async fn admin_call(
     args: &CtlArgs,
@@ -329,6 +557,10 @@ async fn admin_call(
             ),
         }),
         400 | 409 => Err(Failure::usage(reason)),
+        404 => Err(Failure {
+            code: EXIT_NOINPUT,
+            message: reason,
+        }),
         503 => Err(Failure {
             code: EXIT_UNAVAILABLE,
             message: reason,
