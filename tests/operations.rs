@@ -32,8 +32,12 @@ const DOCUMENTED_SERIES: &[&str] = &[
 #[tokio::test]
 async fn metrics_expose_every_documented_series_and_count_traffic() {
     let server = start_server(&[]).await;
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    // The metric reference (checked in full, both ways, against real processes by tests/metrics.rs).
+    let readme = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/metrics.md"
+    ))
+    .unwrap();
     let (status, text) =
         http_request("GET", &format!("http://{}/metrics", server.http), &[], "").await;
     assert_eq!(status, 200);
@@ -44,7 +48,7 @@ async fn metrics_expose_every_documented_series_and_count_traffic() {
         );
         assert!(
             readme.contains(&format!("`{series}")),
-            "{series} missing from the README"
+            "{series} missing from docs/metrics.md"
         );
     }
     // No room names or connection ids as labels: every label value comes from a fixed set.
