@@ -334,6 +334,46 @@ async fn room_to_webhook_retries_then_delivers_in_order() {
 }
 
 #[tokio::test]
+async fn a_publishs_trace_context_rides_in_the_bridge_envelope() {
+    let backend = hook(0).await;
+    let edge = edge_with_routes(
+        vec![
+            ("orders", json!({"kind": "room", "room": {"order": "*"}})),
+            ("backend", json!({"kind": "webhook", "url": backend.url})),
+        ],
+        vec![("notify", route("orders", &["backend"]))],
+    )
+    .await;
+    // Spans are not exported here, so the backend's context is passed on unchanged; a malformed one is not.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for (n, header) in [(0, traceparent), (1, "00-not-a-trace-01")] {
+        let (status, text) = http_request(
+            "POST",
+            &format!("http://{}/api/v1/publish", edge.http),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &format!("Bearer {API_KEY}")),
+                ("traceparent", header),
+            ],
+            json!({"rooms": [{"order": n}], "data": n}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let deadline = Instant::now() + STEP;
+    while backend.bodies.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "webhook deliveries missing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bodies = backend.bodies.lock().unwrap().clone();
+    assert_eq!(
+        bodies[0].1,
+        json!({"rooms": [{"order": 0}], "data": 0, "traceparent": traceparent})
+    );
+    assert_eq!(bodies[1].1, json!({"rooms": [{"order": 1}], "data": 1}));
+}
+
+#[tokio::test]
 async fn a_webhook_that_keeps_failing_is_a_dead_letter_and_the_next_message_goes_on() {
     let backend = hook(2).await;
     let edge = edge_with_routes(
