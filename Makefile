@@ -1,7 +1,7 @@
 # herald: `make run` starts a dev node, `make test` runs every check CI runs.
 CARGO ?= cargo
 
-.PHONY: run build test test-deps lint fmt bench clean
+.PHONY: run build test test-deps lint k8s-check image fmt bench clean
 
 ## Build and start `herald dev` on 127.0.0.1:7070 (WebSocket + HTTP) and 127.0.0.1:7071 (gRPC).
 run:
@@ -12,7 +12,7 @@ build:
 
 ## Install what the tests need (Chromium, nats-server, redis-server, rabbitmq-server, rustfmt, clippy), then format
 ## check, lint, and every test.
-test: test-deps lint
+test: test-deps lint k8s-check
 	$(CARGO) test --workspace --all-targets
 
 test-deps:
@@ -21,6 +21,16 @@ test-deps:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Helm chart and kustomize overlays: helm lint, helm template (defaults and helm/herald/examples/*.yaml) and
+## kubectl kustomize (k8s/overlays/*), validated with kubernetes-validate --strict for Kubernetes 1.30 and 1.33.
+k8s-check:
+	./scripts/k8s-check.sh
+
+## The container image (needs Docker or a compatible builder; see Dockerfile for the runtime requirements).
+IMAGE ?= herald:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+image:
+	docker build -t $(IMAGE) .
 
 fmt:
 	$(CARGO) fmt --all

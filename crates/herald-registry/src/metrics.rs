@@ -49,8 +49,8 @@ pub(crate) fn render(core: &Core) -> String {
     gauge(
         &mut out,
         "herald_registry_leader_id",
-        "The node id of the leader this member knows, 0 when it knows none.",
-        raft.current_leader.unwrap_or(0) as i64,
+        "The node id of the leader this member knows, -1 when it knows none (0 is a valid id).",
+        raft.current_leader.map_or(-1, |id| id as i64),
     );
     write_header(
         &mut out,
