@@ -13,6 +13,15 @@ validate="$tools/venv/bin/kubernetes-validate"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
+# The plain manifests must stay what the chart renders by default.
+python3 "$root/scripts/render-k8s-base.py" "$helm" "$out/base"
+for file in "$out"/base/*; do
+    if ! diff -u "$root/k8s/base/$(basename "$file")" "$file"; then
+        echo "k8s-check: k8s/base is out of date with the chart; run scripts/render-k8s-base.py $helm k8s/base" >&2
+        exit 1
+    fi
+done
+
 "$helm" lint --strict "$root/helm/herald"
 "$helm" lint --strict "$root/helm/herald" -f "$root/helm/herald/examples/production.yaml"
 

@@ -194,6 +194,9 @@ struct Replica {
 #[derive(Debug)]
 pub(crate) struct Bridges {
     active: RwLock<Arc<Active>>,
+    /// Whether any route takes room publishes: every publish asks, and most nodes have none, so the answer is a
+    /// relaxed load rather than the lock and the reference count above.
+    has_room_routes: std::sync::atomic::AtomicBool,
     /// The table being run (from the configuration, or the registry's).
     table: Mutex<RouteTable>,
     /// Where table changes go in a cluster; unset on a node without a registry, which changes its own table.
@@ -215,6 +218,7 @@ impl Bridges {
     pub(crate) fn new(max_body_bytes: usize, max_rooms: usize) -> Bridges {
         Bridges {
             active: RwLock::default(),
+            has_room_routes: std::sync::atomic::AtomicBool::new(false),
             table: Mutex::default(),
             registry: std::sync::OnceLock::new(),
             replica: Mutex::default(),
@@ -277,6 +281,10 @@ impl Bridges {
                 self.stop_route(name);
             }
         }
+        self.has_room_routes.store(
+            !next.room_routes.is_empty(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         *self.active.write() = Arc::new(next);
         self.changed.notify_one();
     }
@@ -375,6 +383,12 @@ impl Bridges {
         data: &Bytes,
         traceparent: impl FnOnce() -> Option<String>,
     ) {
+        if !self
+            .has_room_routes
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         let active = self.active.read().clone();
         if active.room_routes.is_empty() {
             return;
