@@ -33,7 +33,9 @@ fn edge(config: &Dir, yaml: &str, sets: &[String]) -> Proc {
 }
 
 fn static_auth() -> String {
-    format!("auth:\n  method: static\n  static-rooms:\n    - {{helm: test}}\n  api-keys: [{API_KEY}]\n")
+    format!(
+        "auth:\n  method: static\n  static-rooms:\n    - {{helm: test}}\n  api-keys: [{API_KEY}]\n"
+    )
 }
 
 struct Outcome {
@@ -130,16 +132,28 @@ fn a_standalone_edge_round_trips_and_wrong_keys_rooms_and_addresses_have_their_e
     let grpc = node.field("grpc");
 
     let ok = round_trip(
-        &["--edge", &http, "--grpc", &grpc, "--room", r#"{"helm":"test"}"#],
+        &[
+            "--edge",
+            &http,
+            "--grpc",
+            &grpc,
+            "--room",
+            r#"{"helm":"test"}"#,
+        ],
         &[("HERALD_CTL_API_KEY", API_KEY)],
     );
     assert_eq!(ok.code, Some(0), "{}", ok.stderr);
     assert!(
-        ok.stdout.starts_with("round trip ok: subscribed to {\"helm\":\"test\"}"),
+        ok.stdout
+            .starts_with("round trip ok: subscribed to {\"helm\":\"test\"}"),
         "{}",
         ok.stdout
     );
-    assert!(ok.stdout.contains("grpc publish delivered"), "{}", ok.stdout);
+    assert!(
+        ok.stdout.contains("grpc publish delivered"),
+        "{}",
+        ok.stdout
+    );
 
     // A key the edge does not know: 77.
     let refused = round_trip(
@@ -147,7 +161,11 @@ fn a_standalone_edge_round_trips_and_wrong_keys_rooms_and_addresses_have_their_e
         &[("HERALD_CTL_API_KEY", "not-a-key")],
     );
     assert_eq!(refused.code, Some(77), "{}", refused.stderr);
-    assert!(refused.stderr.contains("refused the API key"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("refused the API key"),
+        "{}",
+        refused.stderr
+    );
 
     // A room the edge's auth does not allow: 77, naming the room.
     let room = round_trip(
@@ -160,7 +178,14 @@ fn a_standalone_edge_round_trips_and_wrong_keys_rooms_and_addresses_have_their_e
     // Nothing listening where it publishes: 69.
     let publish_edge = format!("127.0.0.1:{}", free_port());
     let unreachable = round_trip(
-        &["--edge", &http, "--publish-edge", &publish_edge, "--room", r#"{"helm":"test"}"#],
+        &[
+            "--edge",
+            &http,
+            "--publish-edge",
+            &publish_edge,
+            "--room",
+            r#"{"helm":"test"}"#,
+        ],
         &[("HERALD_CTL_API_KEY", API_KEY)],
     );
     assert_eq!(unreachable.code, Some(69), "{}", unreachable.stderr);
@@ -171,7 +196,11 @@ fn a_standalone_edge_round_trips_and_wrong_keys_rooms_and_addresses_have_their_e
         &[("HERALD_CTL_API_KEY", API_KEY)],
     );
     assert_eq!(nowhere.code, Some(69), "{}", nowhere.stderr);
-    assert!(nowhere.stderr.contains("no WebSocket"), "{}", nowhere.stderr);
+    assert!(
+        nowhere.stderr.contains("no WebSocket"),
+        "{}",
+        nowhere.stderr
+    );
 
     // Not JSON: 64.
     let usage = round_trip(&["--edge", &http, "--room", "helm=test"], &[]);
@@ -199,7 +228,11 @@ fn with_jwt_auth_it_signs_its_own_token() {
     // Without a token the edge refuses the WebSocket: 77, saying why.
     let anonymous = round_trip(&["--edge", &http], &[("HERALD_CTL_API_KEY", API_KEY)]);
     assert_eq!(anonymous.code, Some(77), "{}", anonymous.stderr);
-    assert!(anonymous.stderr.contains("did not authorize"), "{}", anonymous.stderr);
+    assert!(
+        anonymous.stderr.contains("did not authorize"),
+        "{}",
+        anonymous.stderr
+    );
 
     // A token signed with another secret is refused the same way.
     let forged = round_trip(

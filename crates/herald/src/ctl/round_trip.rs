@@ -66,7 +66,9 @@ pub(crate) async fn run(args: &RoundTripArgs, output: Output) -> Result<(), Fail
     let room: Value = serde_json::from_str(&args.room)
         .ok()
         .filter(Value::is_object)
-        .ok_or_else(|| Failure::usage(format!("--room must be a JSON object, got {:?}", args.room)))?;
+        .ok_or_else(|| {
+            Failure::usage(format!("--room must be a JSON object, got {:?}", args.room))
+        })?;
     let api_key = args
         .api_key
         .as_deref()
@@ -129,9 +131,7 @@ pub(crate) async fn run(args: &RoundTripArgs, output: Output) -> Result<(), Fail
         let (latency, attempts) = deliver(&mut ws, &grpc, &room, &nonce, deadline).await?;
         report.push(json!({"via": "grpc", "addr": addr, "latency_ms": latency.as_millis() as u64, "publishes": attempts}));
     }
-    let _ = ws
-        .write_frame(Frame::close(1000, b"round trip done"))
-        .await;
+    let _ = ws.write_frame(Frame::close(1000, b"round trip done")).await;
 
     match output {
         Output::Json => println!(
@@ -218,7 +218,10 @@ impl Publisher<'_> {
                     }
                     Err(status) if status.code() == tonic::Code::Unavailable => Err(Failure {
                         code: EXIT_UNAVAILABLE,
-                        message: format!("the gRPC publish API at {addr} is unreachable: {}", status.message()),
+                        message: format!(
+                            "the gRPC publish API at {addr} is unreachable: {}",
+                            status.message()
+                        ),
                     }),
                     Err(status) => Err(Failure {
                         code: EXIT_SOFTWARE,
@@ -334,10 +337,12 @@ async fn send_json(ws: &mut WsConn, value: &Value) -> Result<(), Failure> {
 
 /// The next JSON text frame, or a failure naming what was awaited.
 async fn next_json(ws: &mut WsConn, deadline: Instant, what: &str) -> Result<Value, Failure> {
-    next_json_before(ws, deadline).await?.ok_or_else(|| Failure {
-        code: EXIT_UNAVAILABLE,
-        message: format!("no {what} before the deadline"),
-    })
+    next_json_before(ws, deadline)
+        .await?
+        .ok_or_else(|| Failure {
+            code: EXIT_UNAVAILABLE,
+            message: format!("no {what} before the deadline"),
+        })
 }
 
 /// The next JSON text frame, `None` when `until` passes first. Pings are answered by fastwebsockets; a close or
@@ -512,7 +517,9 @@ mod tests {
 
     #[test]
     fn rooms_keep_their_value_types_over_grpc() {
-        let room = grpc_room(&json!({"s": "1", "i": 1, "f": 1.5, "b": true, "n": null})).unwrap();
+        let room = grpc_room(&json!({"s": "1", "i": 1, "f": 1.5, "b": true, "n": null}))
+            .ok()
+            .expect("scalar values");
         let kind = |k: &str| room.fields[k].kind.clone().unwrap();
         use pb::scalar::Kind;
         assert_eq!(kind("s"), Kind::StringValue("1".into()));
