@@ -22,15 +22,17 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Helm chart and kustomize overlays: helm lint, helm template (defaults and helm/herald/examples/*.yaml) and
-## kubectl kustomize (k8s/overlays/*), validated with kubernetes-validate --strict for Kubernetes 1.30 and 1.33.
+## Helm chart and kustomize overlays: k8s/base still the chart's defaults, helm lint, helm template (defaults and
+## helm/herald/examples/*.yaml) and kubectl kustomize (k8s/overlays/*), validated with kubernetes-validate --strict
+## for Kubernetes 1.30 and 1.33 and checked by scripts/k8s-policy.py (security, probes, shape, drain).
 k8s-check:
 	./scripts/k8s-check.sh
 
-## The container image (needs Docker or a compatible builder; see Dockerfile for the runtime requirements).
+## The container image (needs Docker, or DOCKER=podman; see Dockerfile for the runtime requirements).
+DOCKER ?= docker
 IMAGE ?= herald:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 image:
-	docker build -t $(IMAGE) .
+	$(DOCKER) build -t $(IMAGE) .
 
 fmt:
 	$(CARGO) fmt --all

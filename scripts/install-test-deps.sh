@@ -46,3 +46,6 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+# helm, kubectl and kubernetes-validate for `make k8s-check`, under .tools/k8s/.
+"$(dirname "$0")/install-k8s-tools.sh"

@@ -1,8 +1,12 @@
 //! The container's runtime contract without a container runtime (none runs on these machines): the real `herald`
 //! binary as a non-root user (65532, distroless's `nonroot`) in a private mount namespace whose root filesystem is
 //! read-only, with only a tmpfs data directory writable. A registry member must elect itself and answer
-//! `/readyz` (it wrote its vote and log), and `herald dev` must serve (its embedded registry lives under
-//! `$TMPDIR`). Needs root for the namespace and the uid switch; without it the test says so and does nothing.
+//! `/readyz` (it wrote its vote and log), `herald dev` must serve (its embedded registry lives under `$TMPDIR`),
+//! and `herald ctl round-trip` (the chart's `helm test` pod) must pass against it, confined the same way. Needs
+//! root for the namespace and the uid switch; without it the test says so and does nothing.
+//!
+//! The shared libraries the binary needs are checked too: only what the runtime image (distroless/cc, Debian 12:
+//! glibc 2.36 and libgcc_s) provides, as the Dockerfile says.
 
 mod support;
 
@@ -31,6 +35,59 @@ fn can_confine() -> bool {
             ])
             .status()
             .is_ok_and(|s| s.success())
+}
+
+/// The libraries the image provides: glibc's (libc, libm, the loader: x86-64's or arm64's) and libgcc_s, and the
+/// kernel's vDSO.
+const IMAGE_LIBRARIES: [&str; 6] = [
+    "linux-vdso.so.1",
+    "libc.so.6",
+    "libm.so.6",
+    "libgcc_s.so.1",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+];
+/// The runtime image's glibc (Debian 12): the binary may use no newer symbol version.
+const IMAGE_GLIBC: (u32, u32) = (2, 36);
+
+#[test]
+fn the_binary_needs_only_the_libraries_the_runtime_image_has() {
+    let Ok(output) = Command::new("ldd").arg(HERALD).output() else {
+        eprintln!("SKIPPED: no ldd(1) to list the binary's shared libraries");
+        return;
+    };
+    let listing = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "ldd failed: {listing}");
+    for line in listing.lines() {
+        let library = line.split_whitespace().next().unwrap_or_default();
+        let name = library.rsplit('/').next().unwrap_or_default();
+        assert!(
+            IMAGE_LIBRARIES.contains(&name),
+            "the binary needs {name}, which the runtime image does not have (see Dockerfile): {listing}"
+        );
+    }
+    // The newest glibc symbol version it links against, from its dynamic symbol table.
+    let Ok(symbols) = Command::new("objdump").args(["-T", HERALD]).output() else {
+        eprintln!("SKIPPED (glibc version part): no objdump(1)");
+        return;
+    };
+    let newest = String::from_utf8_lossy(&symbols.stdout)
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|rest| {
+            let version: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            Some((parts.next()?, parts.next().unwrap_or(0)))
+        })
+        .max()
+        .expect("the binary links glibc");
+    assert!(
+        newest <= IMAGE_GLIBC,
+        "the binary needs glibc {newest:?}, the runtime image has {IMAGE_GLIBC:?}"
+    );
 }
 
 /// Runs `herald args...` confined: `/` read-only, `writable` a tmpfs owned by the non-root user.
@@ -198,4 +255,23 @@ async fn herald_runs_as_non_root_on_a_read_only_root_with_only_its_data_dir_writ
     assert_eq!(confinement_of(dev.0.id(), &dir), (UID, true));
     let mut client = WsClient::connect(&format!("ws://127.0.0.1:{http}/ws/"), &[]).await;
     assert_eq!(client.recv_json().await["is_authorized"], true);
+
+    // The `helm test` pod: `herald ctl round-trip`, confined the same way, writes nothing at all.
+    let mut round_trip = confined(
+        &dir,
+        &[],
+        &[
+            "ctl".into(),
+            "round-trip".into(),
+            "--edge".into(),
+            format!("127.0.0.1:{http}"),
+            "--timeout-secs".into(),
+            "20".into(),
+        ],
+    );
+    let status = tokio::task::spawn_blocking(move || round_trip.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "confined herald ctl round-trip: {status}");
 }

@@ -4,6 +4,8 @@
 //! - `herald ctl cluster add-learner --node-id N --addr host:port`: a new member starts receiving the log.
 //! - `herald ctl cluster promote --node-id N`: a caught-up learner becomes a voter.
 //! - `herald ctl cluster remove --node-id N`: a voter or a learner leaves the cluster.
+//! - `herald ctl round-trip --edge host:port`: subscribe, publish, and see the delivery arrive ([`round_trip`];
+//!   the Helm chart's `helm test`).
 //!
 //! Membership changes are computed from the status the leader reports (the voter set is replaced as a whole, so
 //! it has to start from the current one), and checked before anything is written: a change that would leave the
@@ -24,6 +26,8 @@ use tonic::Code;
 use herald_proto::v1 as pb;
 use herald_registry::client::{ClientError, RegistryClient};
 use herald_registry::grpc::ClusterSecret;
+
+mod round_trip;
 
 /// EX_USAGE: bad arguments, or a change refused by the safety checks.
 const EXIT_USAGE: u8 = 64;
@@ -148,6 +152,9 @@ enum CtlCommand {
     Drain,
     /// Drain, then exit 0 (as SIGTERM does).
     Stop,
+    /// End-to-end check: subscribe over a WebSocket, publish to the room over HTTP (and gRPC with `--grpc`), and
+    /// exit 0 only when each publish is delivered on the subscription.
+    RoundTrip(round_trip::RoundTripArgs),
     /// The registry's raft group: status and membership changes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -320,6 +327,7 @@ async fn execute(args: &CtlArgs) -> Result<(), Failure> {
                 }
             });
         }
+        CtlCommand::RoundTrip(round_trip) => return round_trip::run(round_trip, args.output).await,
         CtlCommand::Stop => {
             let doc = admin_call(args, "POST", "/admin/stop", "").await?;
             return print_doc(args, &doc, |doc| {
@@ -359,7 +367,8 @@ async fn execute(args: &CtlArgs) -> Result<(), Failure> {
         | CtlCommand::Rooms { .. }
         | CtlCommand::Disconnect { .. }
         | CtlCommand::Drain
-        | CtlCommand::Stop => unreachable!("answered above"),
+        | CtlCommand::Stop
+        | CtlCommand::RoundTrip(_) => unreachable!("answered above"),
     }
 }
 

@@ -16,6 +16,10 @@
 {{- end -}}
 {{- end -}}
 
+{{- define "herald.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "herald.registry" -}}{{ include "herald.fullname" . | trunc 54 | trimSuffix "-" }}-registry{{- end -}}
 {{- define "herald.registryHeadless" -}}{{ include "herald.registry" . }}-headless{{- end -}}
 {{- define "herald.edge" -}}{{ include "herald.fullname" . | trunc 58 | trimSuffix "-" }}-edge{{- end -}}
@@ -36,7 +40,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "herald.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- with .Values.image.registry }}{{ . }}/{{ end }}{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
 {{- define "herald.secretName" -}}
@@ -55,7 +59,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "herald.registryPeers" -}}
 {{- $members := list -}}
 {{- range $i := until (int .Values.registry.replicas) -}}
-{{- $members = append $members (printf "%d=%s-%d.%s.%s.svc.cluster.local:%d" $i (include "herald.registry" $) $i (include "herald.registryHeadless" $) $.Release.Namespace (int $.Values.registry.grpcPort)) -}}
+{{- $members = append $members (printf "%d=%s-%d.%s.%s.svc.%s:%d" $i (include "herald.registry" $) $i (include "herald.registryHeadless" $) (include "herald.namespace" $) $.Values.clusterDomain (int $.Values.registry.grpcPort)) -}}
 {{- end -}}
 {{- join "," $members -}}
 {{- end -}}
@@ -63,7 +67,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "herald.registryAddrs" -}}
 {{- $members := list -}}
 {{- range $i := until (int .Values.registry.replicas) -}}
-{{- $members = append $members (printf "%s-%d.%s.%s.svc.cluster.local:%d" (include "herald.registry" $) $i (include "herald.registryHeadless" $) $.Release.Namespace (int $.Values.registry.grpcPort)) -}}
+{{- $members = append $members (printf "%s-%d.%s.%s.svc.%s:%d" (include "herald.registry" $) $i (include "herald.registryHeadless" $) (include "herald.namespace" $) $.Values.clusterDomain (int $.Values.registry.grpcPort)) -}}
 {{- end -}}
 {{- join "," $members -}}
 {{- end -}}
@@ -78,4 +82,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   "admin" (dict "host" "127.0.0.1" "port" 7073)
 -}}
 {{- toYaml (mergeOverwrite $chart (deepCopy .Values.config)) -}}
+{{- end -}}
+
+{{/* Whether the edges verify HS256 JWTs with the Secret's jwt-secret. */}}
+{{- define "herald.jwtSecretUsed" -}}
+{{- $auth := .Values.config.auth | default dict -}}
+{{- if or (eq (toString (get $auth "method")) "jwt") .Values.secrets.jwtSecret -}}true{{- end -}}
 {{- end -}}
